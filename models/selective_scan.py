@@ -1,0 +1,179 @@
+"""Selective scan (the S6 recurrence of Mamba) with interchangeable backends.
+
+    delta' = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
+    h_t = exp(delta'_t A) * h_{t-1} + delta'_t B_t u_t ;  y_t = <C_t, h_t> + D u_t ;  y *= silu(z)
+
+Same semantics as mamba-ssm's `selective_scan_fn` for real A (D, N) and input-dependent B, C (batch, N, L).
+
+Backends: "cuda" (mamba-ssm's kernel, imported lazily), "numba" (CPU kernels, chunk-checkpointed
+backward) and "torch" (portable, autograd through a chunked log-depth scan). `set_scan_backend`,
+the EMNET_SCAN_BACKEND environment variable and `scan_backend_for` decide which one runs.
+"""
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+BACKENDS = ("cuda", "numba", "torch")
+ENV_VAR = "EMNET_SCAN_BACKEND"
+_setting = "auto"
+
+# Steps per chunk of the torch backend: the log-depth scan inside a chunk costs log2(T) passes, the
+# Python loop over chunks costs L / T iterations; autograd keeps only each chunk's starting state.
+TORCH_CHUNK = 64
+
+
+@functools.cache
+def _mamba_scan_fn():
+    """mamba-ssm's CUDA scan, or None; imported on first use so CPU runs never need mamba-ssm."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):
+        return None
+    return selective_scan_fn
+
+
+def _backend_available(name):
+    if name == "torch":
+        return True
+    if name == "numba":
+        return _numba is not None
+    return torch.cuda.is_available() and _mamba_scan_fn() is not None
+
+
+def available_scan_backends():
+    """Backends usable in this process, in order of preference."""
+    return [name for name in BACKENDS if _backend_available(name)]
+
+
+def _validated(name, source):
+    if name == "auto":
+        return name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r} from {source} "
+                         f"(choose auto or one of: {', '.join(available_scan_backends())})")
+    if not _backend_available(name):
+        raise ValueError(f"scan backend {name!r} from {source} is not available here "
+                         f"(available: {', '.join(available_scan_backends())})")
+    return name
+
+
+def set_scan_backend(name):
+    """Select the backend for every later call: auto | cuda | numba | torch."""
+    global _setting
+    _setting = _validated(str(name).lower(), "set_scan_backend")
+
+
+def get_scan_backend():
+    """The current setting ("auto" or a backend name), before the environment variable is applied."""
+    return _setting
+
+
+def scan_backend_for(tensor):
+    """The backend "auto" picks for inputs like `tensor`."""
+    if tensor.is_cuda:
+        usable = tensor.dtype != torch.float64 and _mamba_scan_fn() is not None
+        return "cuda" if usable else "torch"
+    return "numba" if _numba is not None else "torch"
+
+
+def _resolve_backend(u):
+    name = _setting
+    if name == "auto":
+        name = _validated(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    if name == "auto":
+        return scan_backend_for(u)
+    if name == "cuda" and not u.is_cuda:
+        raise ValueError(f"scan backend 'cuda' needs CUDA tensors, got {u.device}")
+    if name == "cuda" and u.dtype == torch.float64:
+        raise ValueError("scan backend 'cuda' does not support float64; use 'torch' or 'auto'")
+    if name == "numba" and u.device.type != "cpu":
+        raise ValueError(f"scan backend 'numba' needs CPU tensors, got {u.device}")
+    return name
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, D, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (D={dim}, N), got shape {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported")
+    state = A.shape[1]
+    expected = {"delta": (delta, (batch, dim, length)), "B": (B, (batch, state, length)),
+                "C": (C, (batch, state, length)), "D": (D, (dim,)), "z": (z, (batch, dim, length)),
+                "delta_bias": (delta_bias, (dim,))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Selective scan of u (batch, D, L); returns y (batch, D, L) in u's dtype.
+
+    Runs in float32 (float64 if any input is float64) with autocast disabled inside.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    backend = _resolve_backend(u)
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    dtype = torch.float64 if wide else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        args = [None if t is None else t.to(dtype) for t in tensors]
+        out = _SCANS[backend](*args, delta_softplus=bool(delta_softplus))
+    return out.to(u.dtype)
+
+
+# ----------------------------------------------------------------------------------------- cuda
+
+def _scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return _mamba_scan_fn()(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                            delta_softplus=delta_softplus, return_last_state=False)
+
+
+# ---------------------------------------------------------------------------------------- torch
+
+def _torch_chunk(h0, u, delta, A, B, C):
+    """One chunk: (y (batch, D, T), last state (batch, D, N)) from the state h0 before it."""
+    a = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))              # (b, d, T, n)
+    x = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)   # (b, d, T, n)
+    # Hillis-Steele scan of h_t = a_t h_{t-1} + x_t: log2(T) passes, no exp(-cumsum) overflow.
+    step, length = 1, a.shape[2]
+    while step < length:
+        x = torch.cat([x[:, :, :step], a[:, :, step:] * x[:, :, :-step] + x[:, :, step:]], dim=2)
+        a = torch.cat([a[:, :, :step], a[:, :, step:] * a[:, :, :-step]], dim=2)
+        step *= 2
+    h = x + a * h0.unsqueeze(2)
+    y = torch.einsum("bdtn,bnt->bdt", h, C)
+    return y, h[:, :, -1]
+
+
+def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk=TORCH_CHUNK):
+    if delta_bias is not None:
+        delta = delta + delta_bias.unsqueeze(-1)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+    # Recompute each chunk in backward so only chunk-boundary states are kept for autograd.
+    recompute = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (u, delta, A, B, C))
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for start in range(0, length, chunk):
+        part = slice(start, start + chunk)
+        args = (h, u[..., part], delta[..., part], A, B[..., part], C[..., part])
+        y, h = checkpoint(_torch_chunk, *args, use_reentrant=False) if recompute else _torch_chunk(*args)
+        ys.append(y)
+    y = torch.cat(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.unsqueeze(-1)
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+_numba = None
+_SCANS = {"cuda": _scan_cuda, "torch": _scan_torch}

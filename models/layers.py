@@ -1,0 +1,101 @@
+"""EM-Net's building blocks: channel LayerNorm, 1x1 MLP, the CSR-Mamba layer and the EFL layer."""
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetResBlock
+from torch import nn
+
+from .mamba import BiMamba
+
+
+def to_tokens(x):
+    """(B, C, h, w, d) -> (B, h*w*d, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def to_grid(tokens, spatial_shape):
+    """(B, N, C) -> (B, C, *spatial_shape)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *spatial_shape)
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of a (B, C, *spatial) tensor."""
+
+    def __init__(self, channels, eps=1e-6):
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class ConvMLP(nn.Module):
+    """1x1x1 convolution C -> hidden, GELU, 1x1x1 convolution hidden -> C."""
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.fc1 = nn.Conv3d(channels, hidden, 1)
+        self.fc2 = nn.Conv3d(hidden, channels, 1)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class CSRMambaLayer(nn.Module):
+    """Channel squeeze-reinforce Mamba: one BiMamba shared by the full-channel ("reinforce") branch and
+    a channel-squeezed branch, a layer-scaled residual, then a residual convolution block."""
+
+    def __init__(self, dim, num_tokens, dropout=0.1):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.mamba = BiMamba(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = ConvMLP(dim, dim // 4)
+        self.norm2 = nn.LayerNorm(dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+        self.res_block = UnetResBlock(3, dim, dim, kernel_size=3, stride=1, norm_name="batch")
+        self.res_dropout = nn.Dropout3d(dropout)
+        self.res_proj = nn.Conv3d(dim, dim, 1)
+
+    def forward(self, x):
+        spatial = x.shape[2:]
+        tokens = to_tokens(x) + self.pos_embed
+        normed = self.norm(tokens)
+        reinforced = self.norm1(self.mamba(normed))
+        squeezed = self.norm2(self.mamba(to_tokens(self.mlp(to_grid(normed, spatial)))))
+        out = to_grid(tokens + self.gamma * (reinforced + squeezed), spatial)
+        return out + self.res_proj(self.res_dropout(self.res_block(out)))
+
+
+class FourierFilter(nn.Module):
+    """Learnable global filter: multiply the 3D real FFT of each channel by a complex weight."""
+
+    def __init__(self, dim, spatial_shape):
+        super().__init__()
+        h, w, d = spatial_shape
+        self.spatial_shape = tuple(spatial_shape)
+        self.weight = nn.Parameter(torch.randn(dim, h, w, d // 2 + 1, 2) * 0.02)
+
+    def forward(self, x):
+        # FFTs run in at least float32: half-precision FFTs only take powers of two and lose accuracy.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        spectrum = torch.fft.rfftn(x.to(dtype), dim=(2, 3, 4), norm="ortho")
+        spectrum = spectrum * torch.view_as_complex(self.weight.to(dtype))
+        out = torch.fft.irfftn(spectrum, s=self.spatial_shape, dim=(2, 3, 4), norm="ortho")
+        return out.to(x.dtype)
+
+
+class EFLLayer(nn.Module):
+    """Efficient frequency learning: LayerNorm, Fourier filter, LayerNorm, residual 1x1 MLP."""
+
+    def __init__(self, dim, spatial_shape):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.fourier = FourierFilter(dim, spatial_shape)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ConvMLP(dim, dim // 2)
+
+    def forward(self, x):
+        spatial = x.shape[2:]
+        filtered = self.fourier(to_grid(self.norm1(to_tokens(x)), spatial))
+        return x + self.mlp(to_grid(self.norm2(to_tokens(filtered)), spatial))

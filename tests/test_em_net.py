@@ -1,0 +1,197 @@
+"""EM-Net: exact parameter counts, reference checkpoint keys, layer maths against float64 references,
+forward/backward, deep supervision and window errors."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from models import build_model
+from models.em_net import convert_reference_key, convert_reference_state_dict
+from models.layers import EFLLayer, FourierFilter
+from models.mamba import BiMamba
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+TINY = dict(in_channels=1, out_channels=4, feature_size=[8, 16, 32, 64], depths=[2, 2, 2, 2],
+            fft_nums=[0, 0, 2, 2], hidden_size=64, roi_size=[32, 32, 32])
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# Paper Table 3 with exact counts (C_in 1); also asserts that each shipped config builds that variant.
+@pytest.mark.parametrize(
+    "config, out_channels, roi, expected",
+    [
+        ("em_net", 9, 128, 39_409_425), ("em_net", 9, 96, 32_166_801),
+        ("em_net_a", 9, 128, 62_085_105), ("em_net_a", 9, 96, 54_881_649),
+        ("em_net_b", 9, 128, 60_908_985), ("em_net_b", 9, 96, 53_576_505),
+        ("em_net_c", 9, 128, 38_233_305), ("em_net_c", 9, 96, 30_861_657),
+        ("em_net", 14, 96, 32_167_046),
+    ],
+)
+def test_parameter_counts_match_paper(config, out_channels, roi, expected):
+    model_cfg = yaml.safe_load((REPO / "configs" / "models" / f"{config}.yaml").read_text())["model"]
+    name = model_cfg.pop("name")
+    model = build_model(name, in_channels=1, out_channels=out_channels, roi_size=[roi] * 3, **model_cfg)
+    assert num_params(model) == expected
+
+
+def reference_keys():
+    rows = (line.split("\t") for line in (REFERENCE / "emnet_tiny_reference_keys.tsv").read_text().splitlines())
+    return {key: tuple(int(s) for s in shape.strip("()").split(",") if s.strip()) for key, shape in rows}
+
+
+def test_every_reference_key_maps_to_a_tensor_of_the_same_shape():
+    ours = build_model("em-net", **TINY).state_dict()
+    ref = reference_keys()
+    mapped = {convert_reference_key(k): shape for k, shape in ref.items()}
+    assert len(mapped) == len(ref) == 633
+    assert set(mapped) == set(ours), (set(mapped) ^ set(ours))
+    for key, shape in mapped.items():
+        assert tuple(ours[key].shape) == shape, key
+
+
+def test_reference_checkpoint_loads_strictly_and_computes_the_same_function():
+    torch.manual_seed(0)
+    source = build_model("em-net", **TINY).eval()
+    ours_to_ref = {convert_reference_key(k): k for k in reference_keys()}
+    reference_checkpoint = {
+        "state_dict": {"module." + ours_to_ref[k]: v.clone() for k, v in source.state_dict().items()},
+        "epoch": 7,
+        "best_acc": 0.5,
+    }
+    target = build_model("em-net", **TINY).eval()
+    target.load_state_dict(convert_reference_state_dict(reference_checkpoint), strict=True)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_convert_rejects_non_tensor_entries():
+    with pytest.raises(ValueError, match="'epoch'"):
+        convert_reference_state_dict({"encoder1.layer.conv1.conv.weight": torch.zeros(1), "epoch": 3})
+
+
+def sequential_scan(u, delta, A, B, C, D, z, delta_bias):
+    """Float64 Mamba recurrence, one step at a time (softplus on)."""
+    delta = F.softplus(delta + delta_bias[:, None])
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1) + D * u[:, :, t])
+    return torch.stack(ys, -1) * F.silu(z)
+
+
+def bimamba_reference(m, tokens):
+    """BiMamba written out step by step from the paper's definition."""
+    x, z = (tokens @ m.in_proj.weight.T).transpose(1, 2).chunk(2, dim=1)
+
+    def direction(d, x, z):
+        width = d.conv1d.weight.shape[-1]
+        xp = F.pad(x, (width - 1, 0))
+        conv = sum(xp[:, :, k : k + x.shape[2]] * d.conv1d.weight[:, 0, k, None] for k in range(width))
+        xc = F.silu(conv + d.conv1d.bias[:, None])
+        proj = xc.transpose(1, 2) @ d.x_proj.weight.T
+        dt, B, C = proj.split([d.dt_rank, d.d_state, d.d_state], -1)
+        delta = (dt @ d.dt_proj.weight.T).transpose(1, 2)
+        return sequential_scan(xc, delta, -torch.exp(d.A_log), B.transpose(1, 2), C.transpose(1, 2), d.D, z,
+                               d.dt_proj.bias)
+
+    y = direction(m.forward_scan, x, z) + direction(m.backward_scan, x.flip(-1), z.flip(-1)).flip(-1)
+    return y.transpose(1, 2) @ m.out_proj.weight.T
+
+
+def test_bimamba_matches_float64_step_by_step_reference():
+    torch.manual_seed(1)
+    m = BiMamba(8).double()
+    tokens = torch.randn(2, 11, 8, dtype=torch.float64)
+    torch.testing.assert_close(m(tokens), bimamba_reference(m, tokens), rtol=1e-9, atol=1e-10)
+
+
+def test_fourier_filter_matches_numpy_float64():
+    torch.manual_seed(2)
+    f = FourierFilter(3, (4, 6, 5)).double()
+    x = torch.randn(2, 3, 4, 6, 5, dtype=torch.float64)
+    w = f.weight.detach().numpy()
+    spectrum = np.fft.rfftn(x.numpy(), axes=(2, 3, 4), norm="ortho") * (w[..., 0] + 1j * w[..., 1])
+    expected = np.fft.irfftn(spectrum, s=(4, 6, 5), axes=(2, 3, 4), norm="ortho")
+    np.testing.assert_allclose(f(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_efl_layer_on_non_cubic_grid_is_residual_mlp_of_filtered_norm():
+    torch.manual_seed(3)
+    layer = EFLLayer(4, (3, 5, 2)).double()
+    x = torch.randn(1, 4, 3, 5, 2, dtype=torch.float64)
+    ln = lambda t, norm: F.layer_norm(t.movedim(1, -1), (4,), norm.weight, norm.bias, norm.eps).movedim(-1, 1)
+    filtered = layer.fourier(ln(x, layer.norm1))
+    torch.testing.assert_close(layer(x), x + layer.mlp(ln(filtered, layer.norm2)))
+
+
+def test_tiny_forward_backward_reaches_every_parameter():
+    torch.manual_seed(4)
+    model = build_model("em-net", **TINY)
+    out = model(torch.randn(2, 1, 32, 32, 32))
+    assert out.shape == (2, 4, 32, 32, 32)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_deep_supervision_outputs_in_training_and_main_only_in_eval():
+    model = build_model("em-net", **{**TINY, "deep_supervision": True})
+    outputs = model(torch.randn(1, 1, 32, 32, 32))
+    assert [tuple(o.shape) for o in outputs] == [(1, 4, 32, 32, 32), (1, 4, 8, 8, 8), (1, 4, 4, 4, 4)]
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+
+
+def test_non_cubic_window():
+    model = build_model("em-net", **{**TINY, "roi_size": [64, 32, 96]})
+    assert model.encoder.stages[0][0].pos_embed.shape == (1, 16 * 8 * 24, 8)
+    assert model.encoder.stages[2][0].fourier.weight.shape == (32, 4, 2, 4, 2)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 1, 64, 32, 96)).shape == (1, 4, 64, 32, 96)
+
+
+def test_input_of_another_size_names_both_sizes():
+    model = build_model("em-net", **TINY)
+    with pytest.raises(ValueError, match=r"built for a window of \[32, 32, 32\].*input of \[64, 32, 32\]"):
+        model(torch.randn(1, 1, 64, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"roi_size": [48, 32, 32]}, r"divisible by 32, got \[48, 32, 32\]"),
+        ({"fft_nums": [0, 0, 3, 0]}, r"fft_nums \[0, 0, 3, 0\]"),
+        ({"hidden_size": 32}, r"hidden_size \(32\) must equal the last feature_size \(64\)"),
+        ({"depths": [2, 2, 2]}, r"depths needs 4 values"),
+    ],
+)
+def test_invalid_configuration_is_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("em-net", **{**TINY, **override})
+
+
+def test_unknown_argument_suggests_the_closest():
+    with pytest.raises(TypeError, match="'feature_sizes'.*'feature_size'"):
+        build_model("em-net", feature_sizes=[8, 16, 32, 64])
+
+
+def test_bfloat16_autocast_forward_is_finite_and_close_to_float32():
+    torch.manual_seed(5)
+    model = build_model("em-net", **TINY).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x)
+    assert torch.isfinite(half).all()
+    assert (half.float() - full).abs().max() < 0.1 * full.abs().max()

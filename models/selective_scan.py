@@ -10,11 +10,18 @@ backward) and "torch" (portable, autograd through a chunked log-depth scan). `se
 the EMNET_SCAN_BACKEND environment variable and `scan_backend_for` decide which one runs.
 """
 import functools
+import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+try:
+    import numba as _numba
+except ImportError:
+    _numba = None
 
 BACKENDS = ("cuda", "numba", "torch")
 ENV_VAR = "EMNET_SCAN_BACKEND"
@@ -175,5 +182,151 @@ def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk=TORCH
     return y
 
 
-_numba = None
-_SCANS = {"cuda": _scan_cuda, "torch": _scan_torch}
+# ---------------------------------------------------------------------------------------- numba
+# Forward: one prange task per (batch, channel) row, state kept in registers/L1. It stores the state
+# at every chunk start (batch x D x L/NUMBA_CHUNK x N), never the per-step states. Backward
+# recomputes a chunk's states from its start, then walks it in reverse. dB, dC and dA are sums over
+# channels, so rows are split into one group per thread and each group owns its partial sums.
+
+NUMBA_CHUNK = 64
+# Reassociation lets LLVM vectorise the sums over N; no nnan/ninf, so inf/nan still propagate.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+if _numba is not None:
+    from numba import prange
+
+    @_numba.njit(inline="always", fastmath=_FASTMATH)
+    def _softplus(x):
+        # Threshold 20 as in torch.nn.functional.softplus and the mamba-ssm kernel.
+        return math.log1p(math.exp(x)) if x <= 20 else x
+
+    @_numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+    def _numba_forward(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, chunk, out, states):
+        batch, dim, length = u.shape
+        nstate = A.shape[1]
+        save = states.shape[2] > 0
+        for row in prange(batch * dim):
+            b, d = row // dim, row % dim
+            h = np.zeros(nstate, A.dtype)
+            for t in range(length):
+                if save and t % chunk == 0:
+                    states[b, d, t // chunk, :] = h
+                dt = delta[b, d, t] + bias[d]
+                if softplus:
+                    dt = _softplus(dt)
+                x = dt * u[b, d, t]
+                y = Dv[d] * u[b, d, t]
+                for n in range(nstate):
+                    h[n] = math.exp(dt * A[d, n]) * h[n] + x * Bt[b, t, n]
+                    y += Ct[b, t, n] * h[n]
+                if has_z:
+                    y *= z[b, d, t] / (1 + math.exp(-z[b, d, t]))
+                out[b, d, t] = y
+
+    @_numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+    def _numba_backward(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, chunk, states, dout,
+                        du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part):
+        batch, dim, length = u.shape
+        nstate = A.shape[1]
+        groups = dA_part.shape[0]
+        rows = batch * dim
+        nchunks = states.shape[2]
+        for g in prange(groups):
+            hbuf = np.empty((chunk + 1, nstate), A.dtype)  # h_{t-1}, h_t, ... within a chunk
+            abuf = np.empty((chunk, nstate), A.dtype)      # exp(delta'_t A)
+            ybuf = np.empty(chunk, A.dtype)                # <C_t, h_t> + D u_t, for the z gate
+            adj = np.empty(nstate, A.dtype)                # dloss / dh_t
+            for row in range(g * rows // groups, (g + 1) * rows // groups):
+                b, d = row // dim, row % dim
+                adj[:] = 0
+                for c in range(nchunks - 1, -1, -1):
+                    t0 = c * chunk
+                    steps = min(length, t0 + chunk) - t0
+                    hbuf[0, :] = states[b, d, c, :]
+                    for i in range(steps):
+                        t = t0 + i
+                        dt = delta[b, d, t] + bias[d]
+                        if softplus:
+                            dt = _softplus(dt)
+                        x = dt * u[b, d, t]
+                        y = Dv[d] * u[b, d, t]
+                        for n in range(nstate):
+                            a = math.exp(dt * A[d, n])
+                            abuf[i, n] = a
+                            hbuf[i + 1, n] = a * hbuf[i, n] + x * Bt[b, t, n]
+                            y += Ct[b, t, n] * hbuf[i + 1, n]
+                        ybuf[i] = y
+                    for i in range(steps - 1, -1, -1):
+                        t = t0 + i
+                        raw = delta[b, d, t] + bias[d]
+                        dt = _softplus(raw) if softplus else raw
+                        ut = u[b, d, t]
+                        dy = dout[b, d, t]
+                        if has_z:
+                            sig = 1 / (1 + math.exp(-z[b, d, t]))
+                            dz[b, d, t] = dy * ybuf[i] * sig * (1 + z[b, d, t] * (1 - sig))
+                            dy = dy * z[b, d, t] * sig
+                        dD_part[g, d] += dy * ut
+                        dut = dy * Dv[d]
+                        ddt = dut * 0
+                        for n in range(nstate):
+                            gn = adj[n] + dy * Ct[b, t, n]
+                            dC_part[g, b, t, n] += dy * hbuf[i + 1, n]
+                            decay = gn * abuf[i, n] * hbuf[i, n]
+                            ddt += decay * A[d, n] + gn * Bt[b, t, n] * ut
+                            dA_part[g, d, n] += decay * dt
+                            dB_part[g, b, t, n] += gn * dt * ut
+                            dut += gn * dt * Bt[b, t, n]
+                            adj[n] = gn * abuf[i, n]
+                        if softplus:
+                            ddt *= 1 / (1 + math.exp(-raw))
+                        ddelta[b, d, t] = ddt
+                        du[b, d, t] = dut
+                        dbias_part[g, d] += ddt
+
+
+class _NumbaScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        batch, dim, length = u.shape
+        u, delta, A = (t.detach().contiguous() for t in (u, delta, A))
+        Bt, Ct = (t.detach().transpose(1, 2).contiguous() for t in (B, C))
+        Dv = torch.zeros(dim, dtype=u.dtype) if D is None else D.detach().contiguous()
+        bias = torch.zeros(dim, dtype=u.dtype) if delta_bias is None else delta_bias.detach().contiguous()
+        zz = u if z is None else z.detach().contiguous()
+        grad = any(ctx.needs_input_grad)
+        nchunks = -(-length // NUMBA_CHUNK) if grad else 0
+        states = torch.empty(batch, dim, nchunks, A.shape[1], dtype=u.dtype)
+        out = torch.empty_like(u)
+        _numba_forward(u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), Dv.numpy(),
+                       zz.numpy(), bias.numpy(), delta_softplus, z is not None, NUMBA_CHUNK,
+                       out.numpy(), states.numpy())
+        if grad:
+            ctx.save_for_backward(u, delta, A, Bt, Ct, Dv, zz, bias, states)
+            ctx.flags = (delta_softplus, z is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, Bt, Ct, Dv, zz, bias, states = ctx.saved_tensors
+        softplus, has_z = ctx.flags
+        batch, dim, length = u.shape
+        groups = max(1, min(_numba.get_num_threads(), batch * dim))
+        du, ddelta, dz = (torch.empty_like(u) for _ in range(3))
+        parts = [torch.zeros(groups, *shape, dtype=u.dtype) for shape in
+                 (A.shape, Bt.shape, Ct.shape, (dim,), (dim,))]
+        arrays = [t.numpy() for t in (u, delta, A, Bt, Ct, Dv, zz, bias)]
+        _numba_backward(*arrays, softplus, has_z, NUMBA_CHUNK, states.numpy(),
+                        dout.detach().to(u.dtype).contiguous().numpy(), du.numpy(), ddelta.numpy(),
+                        dz.numpy(), *(p.numpy() for p in parts))
+        dA, dBt, dCt, dD, dbias = (p.sum(0) for p in parts)
+        needs = ctx.needs_input_grad
+        return (du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD if needs[5] else None,
+                dz if has_z else None, dbias if needs[7] else None, None)
+
+
+def _scan_numba(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return _NumbaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+_SCANS = {"cuda": _scan_cuda, "numba": _scan_numba, "torch": _scan_torch}

@@ -156,3 +156,28 @@ def test_per_class_metrics_on_label_volumes():
     assert result[2] == {"dice": 0.0, "hd95": pytest.approx(diagonal)}
     assert result[3] == {"dice": 0.0, "hd95": pytest.approx(diagonal)}
     assert result[4] == {"dice": 1.0, "hd95": 0.0}
+
+
+def test_cropping_to_the_foreground_changes_nothing_at_the_image_border():
+    # masks touching the image faces: the cropped computation must equal MONAI on the full volume
+    rng = np.random.default_rng(3)
+    shape = (16, 14, 12)
+    labels = [ndimage.median_filter(rng.integers(0, 4, size=shape), 3) for _ in range(2)]
+    pred, gt = labels
+    result = metrics.per_class_metrics(pred, gt, 4, SPACING)
+    for c in (1, 2, 3):
+        assert (pred == c)[0].any() or (gt == c)[-1].any()  # really at the border
+        ref = compute_hausdorff_distance(
+            torch.from_numpy(pred == c)[None, None], torch.from_numpy(gt == c)[None, None],
+            include_background=True, percentile=95, spacing=list(SPACING),
+        ).item()
+        assert result[c]["hd95"] == pytest.approx(ref, rel=1e-6)
+        assert result[c]["dice"] == pytest.approx(2 * ((pred == c) & (gt == c)).sum() / ((pred == c).sum() + (gt == c).sum()))
+
+
+def test_per_class_metrics_accepts_integral_float_labels_only():
+    gt = np.zeros((6, 6, 6))
+    gt[1:3, 1:3, 1:3] = 1.0
+    assert metrics.per_class_metrics(gt, gt, 2, SPACING) == {1: {"dice": 1.0, "hd95": 0.0}}
+    with pytest.raises(ValueError, match="integer class labels"):
+        metrics.per_class_metrics(gt + 0.5, gt, 2, SPACING)

@@ -1,0 +1,21 @@
+"""Data room: dataset lists, transforms, loaders, synthetic phantoms and geometry inversion."""
+from .datalist import DataConfigError, class_names, read_datalist
+from .geometry import invert_prediction, save_segmentation
+from .loaders import make_eval_loader, make_predict_loader, make_train_loader
+from .synthetic import ensure_synthetic_dataset, generate_synthetic_dataset
+from .transforms import eval_transforms, train_transforms
+
+__all__ = [
+    "DataConfigError",
+    "class_names",
+    "ensure_synthetic_dataset",
+    "eval_transforms",
+    "generate_synthetic_dataset",
+    "invert_prediction",
+    "make_eval_loader",
+    "make_predict_loader",
+    "make_train_loader",
+    "read_datalist",
+    "save_segmentation",
+    "train_transforms",
+]

@@ -1,0 +1,71 @@
+"""MONAI dictionary transforms of the reference protocol; every value comes from the config."""
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+
+def _preprocess(cfg, keys):
+    """Deterministic part shared by training and evaluation (cached by CacheDataset)."""
+    d = cfg["data"]
+    lo, hi = d["intensity_range"]
+    modes = ["bilinear", "nearest"][: len(keys)]
+    steps = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        # Explicit RAS labels: NIfTI affines read by nibabel are RAS whatever the file's layout.
+        Orientationd(keys=keys, axcodes=d["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=keys, pixdim=tuple(d["spacing"]), mode=modes),
+        ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if d["crop_foreground"]:
+        # allow_smaller keeps the crop inside the image, so inverting it is an exact pad.
+        steps.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
+    return steps
+
+
+def train_transforms(cfg):
+    d = cfg["data"]
+    keys = ["image", "label"]
+    roi = tuple(cfg["model"]["roi_size"])
+    return Compose(
+        _preprocess(cfg, keys)
+        + [
+            EnsureTyped(keys=keys, track_meta=False),
+            SpatialPadd(keys=keys, spatial_size=roi),
+            RandCropByPosNegLabeld(
+                keys=keys,
+                label_key="label",
+                spatial_size=roi,
+                pos=d["pos"],
+                neg=d["neg"],
+                num_samples=d["num_samples"],
+                image_key="image",
+                image_threshold=0,
+            ),
+            RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=0),
+            RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=1),
+            RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=2),
+            RandRotate90d(keys=keys, prob=d["rot90_prob"], max_k=d["rot90_max_k"]),
+            RandScaleIntensityd(keys="image", factors=d["intensity_scale"], prob=d["intensity_prob"]),
+            RandShiftIntensityd(keys="image", offsets=d["intensity_shift"], prob=d["intensity_prob"]),
+        ]
+    )
+
+
+def eval_transforms(cfg, with_label=True):
+    """Whole-volume preprocessing for validation, test and prediction; invertible (see geometry.py)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    return Compose(_preprocess(cfg, keys))

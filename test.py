@@ -1,0 +1,217 @@
+"""Inference and evaluation: one loop for every data set.
+
+evaluate(cfg, checkpoint): sliding-window inference on the labelled test (or validation) cases, predictions
+mapped back to each image's original geometry and compared there with the original label file:
+  <out_dir>/predictions/<case>.nii.gz  metrics.csv  summary.json  overlays/<case>.png  (+ the printed table)
+predict(cfg, checkpoint, inputs, out_dir): segmentations of unlabelled NIfTI files, in their own geometry.
+"""
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from tqdm import tqdm
+
+import data
+import metrics
+import models
+import reports
+from checkpoint import load_checkpoint, load_model_weights
+from config import ConfigError, model_kwargs
+from distributed import resolve_device
+from models.em_net import convert_reference_state_dict
+
+# Deep-supervision heads exist only in training; a model built without them has no such keys.
+DEEP_SUPERVISION_PREFIX = "deep_supervision_heads."
+REFERENCE_PREFIX = "mamba_encoder."  # keys of the reference EM-Net implementation
+BLEND_MODES = ("gaussian", "constant")
+SPATIAL_AXES = (2, 3, 4)
+
+
+# ---- model ------------------------------------------------------------------------------------------------
+
+def load_model(cfg, checkpoint_path, device):
+    """Build cfg's model without deep supervision, load the checkpoint strictly, eval mode, on `device`."""
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise ConfigError(f"checkpoint not found: {checkpoint_path}")
+    ckpt = load_checkpoint(checkpoint_path)
+    name = cfg["model"]["name"]
+    kwargs = model_kwargs(cfg)
+    if "deep_supervision" in models.model_defaults(name):
+        kwargs["deep_supervision"] = False
+    model = models.build_model(name, **kwargs)
+
+    state_dict = ckpt["state_dict"]
+    if name == "em-net" and any(k.removeprefix("module.").startswith(REFERENCE_PREFIX) for k in state_dict):
+        state_dict = convert_reference_state_dict(state_dict)
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not k.removeprefix("module.").startswith(DEEP_SUPERVISION_PREFIX)}
+    load_model_weights(model, state_dict, checkpoint_path)
+    return model.to(device).eval()
+
+
+def resolve_inference_device(cfg):
+    try:
+        return resolve_device(cfg["trainer"]["device"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+# ---- inference --------------------------------------------------------------------------------------------
+
+def _check_inference_config(cfg, overlap):
+    inf = cfg["inference"]
+    if inf["blend_mode"] not in BLEND_MODES:
+        raise ConfigError(f"inference.blend_mode = {inf['blend_mode']!r}, expected one of {', '.join(BLEND_MODES)}")
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"sliding-window overlap {overlap} must lie in [0, 1) (inference.overlap / val_overlap)")
+    if inf["sw_batch_size"] < 1:
+        raise ConfigError(f"inference.sw_batch_size = {inf['sw_batch_size']}, expected at least 1")
+
+
+def infer_volume(model, image, cfg, overlap=None):
+    """Softmax probabilities (B, C, H, W, D) of `image` (B, C_in, H, W, D) by sliding-window inference.
+
+    The window is the model's training window cfg["model"]["roi_size"]; `overlap` defaults to
+    inference.overlap (validation passes inference.val_overlap). With inference.mirror the softmax is
+    averaged over all 8 combinations of flips of the three spatial axes.
+    """
+    inf = cfg["inference"]
+    overlap = inf["overlap"] if overlap is None else overlap
+    _check_inference_config(cfg, overlap)
+    inferer = SlidingWindowInferer(
+        roi_size=list(cfg["model"]["roi_size"]),
+        sw_batch_size=inf["sw_batch_size"],
+        overlap=overlap,
+        mode=inf["blend_mode"],
+    )
+    flips = [()]
+    if inf["mirror"]:
+        flips = [tuple(a for a, bit in zip(SPATIAL_AXES, bits) if bit) for bits in np.ndindex(2, 2, 2)]
+    use_amp = image.device.type == "cuda" and cfg["trainer"]["amp"]
+    probs = None
+    with torch.no_grad(), torch.autocast(device_type=image.device.type, enabled=use_amp):
+        for axes in flips:
+            x = torch.flip(image, axes) if axes else image
+            p = torch.softmax(inferer(x, model).float(), dim=1)
+            p = torch.flip(p, axes) if axes else p
+            probs = p if probs is None else probs + p
+    return probs / len(flips)
+
+
+def _case_name(path):
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _segment(model, batch, cfg, device):
+    """Label map of one loader batch in the original image geometry (int numpy array)."""
+    probs = infer_volume(model, batch["image"].to(device), cfg)
+    pred = probs.argmax(dim=1).cpu()
+    return data.invert_prediction(pred, batch, cfg)
+
+
+def _load_label(path, num_classes, shape):
+    label = nib.load(str(path))
+    gt = np.rint(np.asanyarray(label.dataobj)).astype(np.int64)
+    if gt.ndim == 4 and gt.shape[3] == 1:
+        gt = gt[..., 0]
+    if gt.shape != tuple(shape):
+        raise ValueError(f"label {path} has shape {gt.shape}, but its image (and the prediction) {tuple(shape)}")
+    if gt.min() < 0 or gt.max() >= num_classes:
+        raise ValueError(f"label {path} holds values {gt.min()}..{gt.max()}, outside 0..{num_classes - 1}")
+    return gt, tuple(float(z) for z in label.header.get_zooms()[:3])
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+
+def evaluate(cfg, checkpoint, out_dir=None, split=None):
+    """Evaluate `checkpoint` on the labelled cases of `split` (default inference.split); returns the summary.
+
+    Metrics are computed in each image's ORIGINAL geometry: the prediction is inverted to it and compared
+    with the label file as stored, with that file's voxel spacing for HD95.
+    """
+    split = split or cfg["inference"]["split"]
+    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval" / Path(checkpoint).stem
+    device = resolve_inference_device(cfg)
+    model = load_model(cfg, checkpoint, device)
+    names = data.class_names(cfg)
+    num_classes = cfg["model"]["out_channels"]
+
+    cases = data.read_datalist(cfg)[split]
+    unlabelled = [e["image"] for e in cases if "label" not in e]
+    if unlabelled:
+        raise ConfigError(f"evaluation needs labels; {unlabelled[0]} in the {split!r} list has none "
+                          "(use predict for unlabelled images)")
+    case_names = [_case_name(e["image"]) for e in cases]
+    twice = sorted({n for n in case_names if case_names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"two {split!r} images are named {twice[0]}; case names must be unique")
+    loader = data.make_eval_loader(cfg, split)
+
+    rows = []
+    progress = tqdm(zip(case_names, cases, loader), total=len(cases), desc=f"evaluate {split}", unit="case")
+    for case, entry, batch in progress:
+        progress.set_postfix_str(case)
+        pred = _segment(model, batch, cfg, device)
+        gt, spacing = _load_label(entry["label"], num_classes, pred.shape)
+        if cfg["inference"]["save_predictions"]:
+            data.save_segmentation(pred, batch, out_dir / "predictions" / f"{case}.nii.gz")
+        for index, m in metrics.per_class_metrics(pred, gt, num_classes, spacing).items():
+            rows.append({"case": case, "class_index": index, "class_name": names[index], **m})
+        if cfg["inference"]["save_overlays"]:
+            image = np.asanyarray(nib.load(entry["image"]).dataobj).reshape(pred.shape)
+            reports.save_overlay_png(image, gt, pred, out_dir / "overlays" / f"{case}.png")
+
+    summary = reports.summarize(rows, names)
+    reports.write_metrics_csv(rows, out_dir / "metrics.csv")
+    reports.write_summary_json(summary, out_dir / "summary.json")
+    print(f"{cfg['model']['name']} on {cfg['data']['name']} ({split}), checkpoint {checkpoint}")
+    print(reports.format_table(summary))
+    print(f"results in {out_dir}")
+    return summary
+
+
+# ---- prediction -------------------------------------------------------------------------------------------
+
+def _nifti_inputs(inputs):
+    """NIfTI files from a file, a folder of them, or a list of either."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+            if not found:
+                raise ConfigError(f"no NIfTI files (.nii, .nii.gz) in folder {item}")
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise ConfigError(f"input not found: {item}")
+    names = [_case_name(p) for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"two inputs would both be written as {twice[0]}.nii.gz; predict them separately")
+    return paths
+
+
+def predict(cfg, checkpoint, inputs, out_dir):
+    """Segment unlabelled NIfTI images (a file, a folder or a list); writes <out_dir>/<case>.nii.gz in each
+    input's geometry (shape and affine) and returns the written paths."""
+    paths = _nifti_inputs(inputs)
+    device = resolve_inference_device(cfg)
+    model = load_model(cfg, checkpoint, device)
+    loader = data.make_predict_loader(cfg, paths)
+    written = []
+    for path, batch in tqdm(zip(paths, loader), total=len(paths), desc="predict", unit="image"):
+        pred = _segment(model, batch, cfg, device)
+        written.append(data.save_segmentation(pred, batch, Path(out_dir) / f"{_case_name(path)}.nii.gz"))
+    return written

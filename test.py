@@ -18,7 +18,7 @@ import data
 import metrics
 import models
 import reports
-from checkpoint import load_checkpoint, load_model_weights
+from checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from config import ConfigError, model_kwargs
 from distributed import resolve_device
 from models.em_net import convert_reference_state_dict
@@ -49,8 +49,25 @@ def load_model(cfg, checkpoint_path, device):
         state_dict = convert_reference_state_dict(state_dict)
     state_dict = {k: v for k, v in state_dict.items()
                   if not k.removeprefix("module.").startswith(DEEP_SUPERVISION_PREFIX)}
-    load_model_weights(model, state_dict, checkpoint_path)
+    try:
+        load_model_weights(model, state_dict, checkpoint_path)
+    except CheckpointError as err:
+        hint = _model_config_difference(ckpt.get("config"), cfg)
+        raise CheckpointError(f"{err}{hint}") from None
     return model.to(device).eval()
+
+
+def _model_config_difference(saved_cfg, cfg):
+    """'; the checkpoint was trained with model.x = ...' when its saved model section differs from cfg's."""
+    saved = saved_cfg.get("model") if isinstance(saved_cfg, dict) else None
+    if not isinstance(saved, dict):
+        return ""
+    ours = cfg["model"]
+    keys = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+    if not keys:
+        return ""
+    shown = ", ".join(f"model.{k} = {saved.get(k)!r} (here {ours.get(k)!r})" for k in keys[:5])
+    return f"; the checkpoint was trained with {shown}"
 
 
 def resolve_inference_device(cfg):

@@ -212,6 +212,14 @@ def test_strict_loading_names_missing_and_unexpected_keys(setup):
         evaluation.load_model(cfg, bad, torch.device("cpu"))
 
 
+def test_loading_error_names_the_model_settings_that_differ(setup):
+    cfg, ckpt, entries, tmp_path = setup
+    other = copy.deepcopy(cfg)
+    other["model"]["out_channels"] = 4
+    with pytest.raises(CheckpointError, match=r"head.weight .*model.out_channels = 3 \(here 4\)"):
+        evaluation.load_model(other, ckpt, torch.device("cpu"))
+
+
 def test_deep_supervision_heads_are_dropped_and_eval_mode(setup):
     cfg, ckpt, entries, tmp_path = setup
     model = evaluation.load_model(cfg, ckpt, torch.device("cpu"))

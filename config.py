@@ -9,6 +9,7 @@ import datetime
 import difflib
 import inspect
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,17 @@ CONFIG_DIR = ROOT / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 KINDS = {"data": "datasets", "model": "models", "trainer": "trainers"}
 SET_SOURCE = "--set"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where 3e-4 (no dot) is a string; accept YAML 1.2 floats like 3e-4 and 1E5."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class ConfigError(Exception):
@@ -51,7 +63,7 @@ def read_yaml(path):
     except FileNotFoundError:
         raise ConfigError(f"config file {_label(path)} not found") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
@@ -71,7 +83,7 @@ def parse_override(text):
     if not sep or not all(parts):
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. trainer.lr=3e-4")
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: value {raw!r} is not valid YAML") from None
     return parts, value

@@ -59,9 +59,8 @@ def build_parser():
                                             "TensorBoard events and the checkpoints.")
     train.add_argument("--logdir", metavar="DIR", help="run folder (default: runs/<model>_<data>/<timestamp>)")
     train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR with its config.yaml (plus --set on top) "
-                            "from its checkpoint_latest.pt (or --checkpoint)")
-    train.add_argument("--checkpoint", metavar="PATH", help="with --resume: the checkpoint to resume from")
+                       help="continue the run in RUN_DIR from its checkpoint_latest.pt, with its config.yaml "
+                            "(plus --set on top, e.g. --set trainer.max_epochs=400)")
 
     test = commands.add_parser("test", parents=[shared], help="evaluate a checkpoint on the test split",
                                description="Evaluate a checkpoint on the test split: metrics.csv, summary.json, "
@@ -134,21 +133,24 @@ def cmd_train(args):
         folder = Path(args.resume)
         if not (folder / "config.yaml").is_file():
             raise ConfigError(f"--resume {folder}: no config.yaml there (not a run folder?)")
-        cfg = config.load_config(folder / "config.yaml", args.overrides)
-        resume = Path(args.checkpoint) if args.checkpoint else folder / "checkpoint_latest.pt"
-        if not resume.is_file():
-            raise ConfigError(f"--resume {folder}: checkpoint {resume} not found")
+        if not (folder / "checkpoint_latest.pt").is_file():
+            raise ConfigError(f"--resume {folder}: no checkpoint_latest.pt there")
+        if args.logdir is not None:
+            raise ConfigError("--resume continues in RUN_DIR; leave out --logdir")
+        cfg, resume = config.load_config(folder / "config.yaml", args.overrides), folder
     else:
-        if args.checkpoint is not None:
-            raise ConfigError("train --checkpoint needs --resume RUN_DIR")
         cfg, resume = _resolve(args), None
         folder = config.run_dir(cfg, args.logdir)
-    config.save_config(cfg, folder / "config.yaml")
+    # train.run saves the effective config as <folder>/config.yaml (with a resume: the one with --set applied)
     result = importlib.import_module("train").run(cfg, folder, resume=resume)
-    print(f"best validation metric: {result['best_metric']:.4f}")
-    print(f"best checkpoint:   {result['best_checkpoint']}")
-    print(f"latest checkpoint: {result['latest_checkpoint']}")
+    _print_checkpoints(result)
     return result
+
+
+def _print_checkpoints(result):
+    if result["best_checkpoint"] is not None:
+        print(f"best checkpoint:   {result['best_checkpoint']} (validation metric {result['best_metric']:.4f})")
+    print(f"latest checkpoint: {result['latest_checkpoint']}")
 
 
 def _eval_dir(checkpoint, output, kind):
@@ -163,26 +165,10 @@ def cmd_test(args):
     return summary
 
 
-def _expand_inputs(inputs):
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.name.endswith((".nii", ".nii.gz")))
-            if not found:
-                raise ConfigError(f"--input {item}: no .nii or .nii.gz files in this folder")
-            paths.extend(found)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise ConfigError(f"--input {item}: no such file or folder")
-    return paths
-
-
 def cmd_predict(args):
     cfg, checkpoint = _checkpoint_config(args)
-    inputs = _expand_inputs(args.inputs)
     out_dir = _eval_dir(checkpoint, args.output, "predict")
-    written = importlib.import_module("test").predict(cfg, checkpoint, inputs, out_dir)
+    written = importlib.import_module("test").predict(cfg, checkpoint, [Path(p) for p in args.inputs], out_dir)
     for path in written:
         print(path)
     return written
@@ -233,16 +219,19 @@ def cmd_run(args):
     if cfg["data"]["name"] == "synthetic":
         importlib.import_module("data").ensure_synthetic_dataset(cfg["data"]["data_dir"])
     folder = config.run_dir(cfg, args.logdir)
-    config.save_config(cfg, folder / "config.yaml")
     result = importlib.import_module("train").run(cfg, folder)
-    best = Path(result["best_checkpoint"])
-    out_dir = _eval_dir(best, None, "eval")
-    importlib.import_module("test").evaluate(cfg, best, out_dir)
+    # No best checkpoint means no validation ran (e.g. max_epochs < val_every): test the latest one.
+    tested = Path(result["best_checkpoint"] or result["latest_checkpoint"])
+    out_dir = _eval_dir(tested, None, "eval")
+    importlib.import_module("test").evaluate(cfg, tested, out_dir)
     print()
     print("Outputs")
     print(f"  run folder:   {folder}")
-    print(f"  checkpoints:  {best} (best, validation metric {result['best_metric']:.4f}), "
-          f"{result['latest_checkpoint']} (latest)")
+    if result["best_checkpoint"] is not None:
+        print(f"  checkpoints:  {result['best_checkpoint']} (best, validation metric {result['best_metric']:.4f})")
+        print(f"                {result['latest_checkpoint']} (latest)")
+    else:
+        print(f"  checkpoint:   {result['latest_checkpoint']} (latest; no validation ran, so no best)")
     print(f"  config:       {folder / 'config.yaml'}")
     print(f"  log:          {folder / 'train.log'}")
     print(f"  TensorBoard:  tensorboard --logdir {folder}")

@@ -139,9 +139,13 @@ def _train(cfg, run_dir, resume, ctx):
     except BaseException:
         # Ctrl-C or a crash: keep what was trained (the file is replaced atomically, never half-written).
         if ctx.is_main:
-            save_checkpoint(run_dir / LATEST, snapshot())
-            log.error("training stopped at epoch %d, iteration %d; saved %s (resume with --resume %s)",
-                      state.epoch, state.iteration, run_dir / LATEST, run_dir)
+            try:
+                save_checkpoint(run_dir / LATEST, snapshot())
+                log.error("training stopped at epoch %d, iteration %d; saved %s (resume with --resume %s)",
+                          state.epoch, state.iteration, run_dir / LATEST, run_dir)
+            except Exception as err:  # report the original error, not this one
+                log.error("training stopped at epoch %d, iteration %d; saving %s failed too: %s",
+                          state.epoch, state.iteration, run_dir / LATEST, err)
         raise
     finally:
         bar.close()

@@ -1,5 +1,6 @@
 """Training loop: outputs of a run, resume, crash safety, LR schedule, deep supervision, validation Dice."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ class TinyNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(in_channels, 8, 3, padding=1)
         self.head = nn.Conv3d(8, out_channels, 1)
-        self.aux = nn.ModuleList([nn.Conv3d(8, out_channels, 1) for _ in range(2)])
+        # heads only when used, as in EM-Net: DDP rejects parameters that get no gradient
+        self.aux = nn.ModuleList([nn.Conv3d(8, out_channels, 1) for _ in range(2 if deep_supervision else 0)])
         self.deep_supervision = deep_supervision
 
     def forward(self, x):
@@ -275,3 +277,48 @@ def test_distributed_helpers_single_process():
         distributed.resolve_device("tpu")
     assert distributed.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert np.isclose(distributed.all_reduce_sum(x).sum().item(), 4.0)
+
+
+def _ddp_worker(rank, world_size, port, data_dir, run_dir):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train.make_train_loader = lambda cfg, rank, world: fixed_loader()
+    seen = {}
+    real_step = train.train_step
+
+    def keep_model(model, *rest):
+        seen["model"] = model
+        return real_step(model, *rest)
+
+    train.train_step = keep_model
+    result = train.run(make_cfg(data_dir, "trainer.max_epochs=1", "trainer.iters_per_epoch=2"), run_dir)
+    torch.save({"result": result, "wrapped": type(seen["model"]).__name__,
+                "state_dict": seen["model"].module.state_dict()}, run_dir.parent / f"rank{rank}.pt")
+
+
+def test_two_process_ddp_on_cpu(data_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children reuse the imported modules, where spawn would spend ~15 s importing again
+    workers = torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, data_dir, tmp_path / "run"),
+                                                    nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=2):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two DDP workers did not finish within 120 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["wrapped"] == ranks[1]["wrapped"] == "DistributedDataParallel"
+    for key, value in ranks[0]["state_dict"].items():
+        torch.testing.assert_close(ranks[1]["state_dict"][key], value, rtol=0, atol=0)
+    # one validation case, on rank 0 only: the reduced Dice reaches both ranks
+    assert ranks[0]["result"]["best_metric"] == ranks[1]["result"]["best_metric"]
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
+    assert saved["iteration"] == 2 and "world size 2" in (tmp_path / "run" / "train.log").read_text()

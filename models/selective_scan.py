@@ -158,7 +158,7 @@ def _torch_chunk(h0, u, delta, A, B, C):
     return y, h[:, :, -1]
 
 
-def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk=TORCH_CHUNK):
+def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     if delta_bias is not None:
         delta = delta + delta_bias.unsqueeze(-1)
     if delta_softplus:
@@ -169,8 +169,8 @@ def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk=TORCH
         t.requires_grad for t in (u, delta, A, B, C))
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for start in range(0, length, chunk):
-        part = slice(start, start + chunk)
+    for start in range(0, length, TORCH_CHUNK):
+        part = slice(start, start + TORCH_CHUNK)
         args = (h, u[..., part], delta[..., part], A, B[..., part], C[..., part])
         y, h = checkpoint(_torch_chunk, *args, use_reentrant=False) if recompute else _torch_chunk(*args)
         ys.append(y)

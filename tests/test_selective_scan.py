@@ -1,0 +1,174 @@
+"""Selective-scan backends against a float64 sequential reference written here."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models.selective_scan as ss
+
+CPU_BACKENDS = [name for name in ss.available_scan_backends() if name != "cuda"]
+
+
+def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The recurrence step by step in float64, as written in the mamba-ssm paper."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.double()[:, None]
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y
+
+
+def make_inputs(batch=2, dim=3, nstate=4, length=150, dtype=torch.float64, extras=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    # delta + delta_bias >= 0 keeps exp(delta A) <= 1 without softplus, as in a trained model.
+    inputs = {"u": rand(batch, dim, length),
+              "delta": 0.5 * torch.rand(batch, dim, length, generator=g, dtype=dtype),
+              "A": -torch.rand(dim, nstate, generator=g, dtype=dtype) * 4,
+              "B": rand(batch, nstate, length), "C": rand(batch, nstate, length)}
+    if extras:
+        inputs.update(D=rand(dim), z=rand(batch, dim, length), delta_bias=0.2 * torch.rand(dim, generator=g, dtype=dtype))
+    return inputs
+
+
+@pytest.fixture
+def backend(request):
+    ss.set_scan_backend(request.param)
+    yield request.param
+    ss.set_scan_backend("auto")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # Chunks of 4 let tiny gradcheck sizes cross several chunk boundaries (L = 11 is no multiple).
+    monkeypatch.setattr(ss, "TORCH_CHUNK", 4)
+    monkeypatch.setattr(ss, "NUMBA_CHUNK", 4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("softplus,extras", [(True, True), (False, False), (True, False), (False, True)])
+def test_outputs_and_gradients_match_reference(backend, softplus, extras):
+    inputs = make_inputs(extras=extras)
+    ours = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y = ss.selective_scan(**ours, delta_softplus=softplus)
+    y_ref = reference(**ref, delta_softplus=softplus)
+    assert y.shape == (2, 3, 150) and y.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (y * weight).sum().backward()
+    (y_ref * weight).sum().backward()
+    for name in inputs:
+        torch.testing.assert_close(ours[name].grad, ref[name].grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("softplus", [True, False])
+def test_gradcheck_all_inputs(backend, small_chunks, softplus):
+    inputs = make_inputs(batch=2, dim=2, nstate=3, length=11)
+    names = list(inputs)
+    tensors = [inputs[k].requires_grad_() for k in names]
+
+    def fn(*args):
+        return ss.selective_scan(**dict(zip(names, args)), delta_softplus=softplus)
+
+    assert torch.autograd.gradcheck(fn, tensors, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+def test_float32_is_accurate(backend):
+    inputs = make_inputs(batch=1, dim=4, nstate=16, length=300, dtype=torch.float32)
+    y = ss.selective_scan(**inputs, delta_softplus=True)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), reference(**inputs, delta_softplus=True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+def test_autocast_runs_in_float32(backend):
+    inputs = make_inputs(batch=1, dim=4, nstate=8, length=100, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ss.selective_scan(**inputs, delta_softplus=True)
+        y_half = ss.selective_scan(**{**inputs, "u": inputs["u"].bfloat16()}, delta_softplus=True)
+    assert y.dtype == torch.float32 and y_half.dtype == torch.bfloat16
+    expected = reference(**inputs, delta_softplus=True)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+def test_saved_memory_does_not_scale_with_states(backend):
+    batch, dim, nstate, length = 1, 8, 16, 1024
+    inputs = {k: v.float().requires_grad_() for k, v in
+              make_inputs(batch, dim, nstate, length, extras=False).items()}
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ss.selective_scan(**inputs, delta_softplus=True)
+    all_states = batch * dim * length * nstate * 4
+    assert sum(saved) < all_states / 2
+    y.sum().backward()
+    assert inputs["B"].grad.shape == (batch, nstate, length)
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    cpu = torch.zeros(1)
+    assert ss.scan_backend_for(cpu) == ("numba" if "numba" in CPU_BACKENDS else "torch")
+    assert "torch" in ss.available_scan_backends()
+    with pytest.raises(ValueError, match="unknown scan backend 'nope'.*torch"):
+        ss.set_scan_backend("nope")
+    if "cuda" not in ss.available_scan_backends():
+        with pytest.raises(ValueError, match="'cuda'.*not available.*available: .*torch"):
+            ss.set_scan_backend("cuda")
+    assert ss.get_scan_backend() == "auto"
+
+    calls = []
+    original = ss._SCANS["torch"]
+    monkeypatch.setitem(ss._SCANS, "torch", lambda *a, **k: calls.append(1) or original(*a, **k))
+    inputs = make_inputs(batch=1, dim=2, nstate=2, length=5)
+    monkeypatch.setenv(ss.ENV_VAR, "torch")
+    ss.selective_scan(**inputs)
+    assert calls == [1]
+    monkeypatch.setenv(ss.ENV_VAR, "warp")
+    with pytest.raises(ValueError, match="'warp' from EMNET_SCAN_BACKEND"):
+        ss.selective_scan(**inputs)
+
+
+def test_bad_shapes_name_the_argument():
+    inputs = make_inputs(batch=1, dim=2, nstate=3, length=5)
+    with pytest.raises(ValueError, match=r"B must have shape \(1, 3, 5\)"):
+        ss.selective_scan(**{**inputs, "B": inputs["B"][:, :2]})
+    with pytest.raises(ValueError, match="A must be"):
+        ss.selective_scan(**{**inputs, "A": inputs["A"][0]})
+
+
+@pytest.mark.skipif("cuda" not in ss.available_scan_backends(), reason="needs CUDA and mamba-ssm")
+def test_cuda_backend_matches_reference():
+    inputs = {k: v.float().cuda().requires_grad_() for k, v in make_inputs(length=300).items()}
+    ss.set_scan_backend("cuda")
+    try:
+        y = ss.selective_scan(**inputs, delta_softplus=True)
+        y.sum().backward()
+    finally:
+        ss.set_scan_backend("auto")
+    cpu = {k: v.detach().cpu().double().requires_grad_() for k, v in inputs.items()}
+    y_ref = reference(**cpu, delta_softplus=True)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y.detach().cpu().double(), y_ref, rtol=1e-3, atol=1e-3)
+    for name, tensor in inputs.items():
+        torch.testing.assert_close(tensor.grad.cpu().double(), cpu[name].grad, rtol=1e-2, atol=1e-2, msg=name)

@@ -8,12 +8,10 @@ Under torchrun every process runs this loop on its shard of the data; rank 0 alo
 """
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
@@ -72,7 +70,7 @@ def _train(cfg, run_dir, resume, ctx):
     t = cfg["trainer"]
     _check_trainer_config(cfg)
     set_scan_backend(t["scan_backend"])
-    _seed(t["seed"] + ctx.rank)  # ranks differ in augmentation; DDP copies rank 0's initial weights
+    set_determinism(seed=t["seed"] + ctx.rank)  # torch, numpy, random; ranks differ in augmentation; DDP copies rank 0's initial weights
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
     names = class_names(cfg)  # checks that the data set has model.out_channels classes
@@ -342,13 +340,6 @@ def _check_trainer_config(cfg):
         raise ConfigError(f"trainer.grad_clip = {clip!r}; give a positive number or null")
 
 
-def _seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    set_determinism(seed=seed)
-
-
 def _setup_logging(run_dir, is_main):
     """train.log in the run folder plus the console, rank 0 only; other ranks print warnings."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -368,10 +359,14 @@ def _resume(resume_dir, cfg, model, optimizer, scheduler, scaler, ctx):
     """Restore everything from resume_dir/checkpoint_latest.pt; the schedule follows the current config."""
     path = resume_dir / LATEST
     ckpt = load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
+    t = cfg["trainer"]
+    saved_ipe = ckpt["config"]["trainer"]["iters_per_epoch"]
+    if saved_ipe != t["iters_per_epoch"]:  # epochs are counted in iterations: the counters would disagree
+        raise ConfigError(f"--resume {resume_dir}: trainer.iters_per_epoch was {saved_ipe}; it cannot change "
+                          f"on resume (got {t['iters_per_epoch']})")
     load_model_weights(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    t = cfg["trainer"]
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # the lambda of this config, not the saved one
     scheduler.base_lrs = [t["lr"]] * len(optimizer.param_groups)
     for group in optimizer.param_groups:
@@ -381,7 +376,7 @@ def _resume(resume_dir, cfg, model, optimizer, scheduler, scaler, ctx):
     if ctx.is_main:
         restore_rng(ckpt["rng"])
     else:
-        _seed(t["seed"] + ctx.rank + ckpt["iteration"])  # only rank 0's streams are saved; do not replay ours
+        set_determinism(seed=t["seed"] + ctx.rank + ckpt["iteration"])  # only rank 0's streams are saved; do not replay ours
     changed = [f"{s}.{k}: {ckpt['config'].get(s, {}).get(k)!r} -> {v!r}" for s in ("data", "model", "trainer")
                for k, v in cfg[s].items() if ckpt["config"].get(s, {}).get(k) != v]
     log.info("resumed %s at epoch %d, iteration %d%s", path, ckpt["epoch"], ckpt["iteration"],

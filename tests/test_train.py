@@ -165,6 +165,8 @@ def test_resume_with_more_epochs_follows_new_schedule(data_dir, tmp_path, monkey
     assert lrs == pytest.approx(expected)
     assert ckpt["history"]["lr"][-1] == pytest.approx(expected[-1])
     assert "trainer.max_epochs: 2 -> 3" in (tmp_path / "train.log").read_text()
+    with pytest.raises(ConfigError, match="iters_per_epoch was 3; it cannot change on resume"):
+        train.run(make_cfg(data_dir, "trainer.max_epochs=4", "trainer.iters_per_epoch=4"), tmp_path, resume=tmp_path)
 
 
 def test_resume_without_checkpoint_names_the_path(data_dir, tmp_path):

@@ -119,6 +119,7 @@ def _train(cfg, run_dir, resume, ctx):
                     loss_sum += loss
                     bar.update(1)
                     bar.set_postfix(epoch=state.epoch + 1, loss=f"{loss.item():.4f}")
+                speed = steps / (time.time() - started)
                 state.epoch += 1
                 epoch_loss = distributed.all_reduce_mean(loss_sum / steps).item()
                 state.history["epoch"].append(state.epoch)
@@ -132,7 +133,7 @@ def _train(cfg, run_dir, resume, ctx):
                         save_checkpoint(run_dir / BEST, snapshot())
                 if ctx.is_main:
                     save_checkpoint(run_dir / LATEST, snapshot())
-                    log_epoch(writer, run_dir, state, epoch_loss, lr, result, names, time.time() - started)
+                    log_epoch(writer, run_dir, state, epoch_loss, lr, result, names, speed, ctx.device)
                 distributed.barrier()
     except BaseException:
         # Ctrl-C or a crash: keep what was trained (the file is replaced atomically, never half-written).
@@ -299,9 +300,12 @@ def _record_validation(state, result, names):
         state.best_metric, state.best_epoch = result["mean_dice"], state.epoch
 
 
-def log_epoch(writer, run_dir, state, loss, lr, result, names, seconds):
+def log_epoch(writer, run_dir, state, loss, lr, result, names, speed, device):
     """Rank 0: the log line, TensorBoard scalars and progress.png."""
-    log.info("epoch %d: loss %.4f, lr %.3g, %.1f s", state.epoch, loss, lr, seconds)
+    memory = ""
+    if device.type == "cuda":
+        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    log.info("epoch %d: loss %.4f, lr %.3g, %.2f it/s%s", state.epoch, loss, lr, speed, memory)
     writer.add_scalar("train/loss", loss, state.epoch)
     writer.add_scalar("train/lr", lr, state.epoch)
     if result is not None:

@@ -326,3 +326,16 @@ def test_two_process_ddp_on_cpu(data_dir, tmp_path):
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert saved["iteration"] == 2 and log_text.count("world size 2") == 1  # rank 0 alone logs
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("name, optimizer, lr", [("sgd", torch.optim.SGD, 1e-2), ("adamw", torch.optim.AdamW, 3e-4),
+                                                 ("synthetic", torch.optim.AdamW, 1e-3)])
+def test_trainer_configs_resolve_and_build(name, optimizer, lr):
+    cfg = resolve_config(trainer_config=name)
+    train._check_trainer_config(cfg)
+    built = train.make_optimizer(nn.Linear(2, 2), cfg["trainer"])
+    assert isinstance(built, optimizer) and built.param_groups[0]["lr"] == lr
+    if name == "sgd":  # the reference protocol
+        group = built.param_groups[0]
+        assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.99, True, 3e-5)
+        assert cfg["trainer"]["warmup_epochs"] == 10

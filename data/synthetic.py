@@ -27,25 +27,25 @@ LABELS = {
     8: "pancreas",
 }
 
-SHAPE = (96, 96, 40)  # voxels; about 1.5 s to generate 14 cases
+SHAPE = (96, 96, 40)  # voxels; the 14 default cases take a few seconds
 SPACING = (1.0, 1.0, 2.5)  # mm, thick slices as in clinical CT
 BODY_RADII = (44.0, 34.0)  # mm, left-right and anterior-posterior semi-axes of the body
 FAT_THICKNESS = 4.0  # mm of subcutaneous fat
 
+# Portal-venous phase CT (the phase of BTCV/Synapse), where the parenchymal organs enhance above the
+# unenhanced soft tissue; this also keeps each organ apart from its neighbours at 10-15 HU of noise.
 HU = {
     "air": -1000.0,
     "fat": -100.0,
-    "soft_tissue": 40.0,
+    "soft_tissue": 45.0,  # muscle and bowel wall
     "bone": 500.0,
-    "spleen": 50.0,
-    "kidney": 150.0,  # contrast-enhanced cortex
-    "gallbladder": 10.0,  # bile
-    "liver": 60.0,
-    "stomach": 20.0,  # fluid content; an air cap is added on top
-    "aorta": 200.0,  # contrast-enhanced lumen
-    # Enhancing parenchyma (pancreatic phase, as for kidneys and aorta): at the unenhanced ~40 HU it would
-    # match the surrounding soft tissue and the phantom, lacking real lobular texture, could not show it.
-    "pancreas": 90.0,
+    "spleen": 120.0,
+    "kidney": 170.0,  # enhancing cortex
+    "gallbladder": 5.0,  # bile, not enhancing
+    "liver": 105.0,
+    "stomach": 15.0,  # fluid content; an air cap is added on top
+    "aorta": 200.0,
+    "pancreas": 85.0,
 }
 
 # label, HU key, centre (RAS mm: x towards patient right, y anterior, z superior), semi-axes (mm).
@@ -130,7 +130,7 @@ def make_case(rng, shape=SHAPE, spacing=SPACING):
 
     # Scanner blur (partial volume) then quantum noise.
     image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0.3))
-    image += rng.normal(0.0, rng.uniform(10.0, 20.0), shape)
+    image += rng.normal(0.0, rng.uniform(10.0, 15.0), shape)
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16), label, affine
 
 

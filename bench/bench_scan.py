@@ -1,0 +1,168 @@
+"""Selective-scan timing and memory on CPU: our backends beside mambapy's pscan and a Python loop.
+
+    python bench/bench_scan.py [--lengths 4096 32768] [--loop-length 256] [--torch-length 4096] [--repeats 2]
+
+Batch 1, D 96, N 16, float32, softplus, D and z present. "fwd" is a forward under no_grad,
+"fwd+bwd" a forward with gradients enabled plus backward of y.sum(). Times are the best of --repeats
+(one run when a run takes over 10 s). The slow methods (Python loop, torch backend) are timed at a
+shorter L and scaled linearly where marked "xN"; the loop's backward grows faster than linearly in L
+(slice gradients are full-length), so its scaled time favours the loop. Memory: peak RSS growth during fwd+bwd (Linux VmHWM, reset
+through /proc/self/clear_refs) and the bytes autograd saved for backward (saved_tensors_hooks).
+"""
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models.selective_scan as ss  # noqa: E402
+
+BATCH, DIM, NSTATE = 1, 96, 16
+
+
+def make_inputs(length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"u": torch.randn(BATCH, DIM, length, generator=g),
+            "delta": torch.randn(BATCH, DIM, length, generator=g) * 0.5 - 2.0,
+            "A": -torch.exp(torch.rand(DIM, NSTATE, generator=g) * 2.7),
+            "B": torch.randn(BATCH, NSTATE, length, generator=g),
+            "C": torch.randn(BATCH, NSTATE, length, generator=g),
+            "D": torch.randn(DIM, generator=g),
+            "z": torch.randn(BATCH, DIM, length, generator=g),
+            "delta_bias": torch.randn(DIM, generator=g) * 0.1}
+
+
+def backend_scan(name):
+    def run(x):
+        ss.set_scan_backend(name)
+        try:
+            return ss.selective_scan(**x, delta_softplus=True)
+        finally:
+            ss.set_scan_backend("auto")
+    return run
+
+
+def mambapy_scan(x):
+    """mambapy's MambaBlock.selective_scan (layout (B, L, D, N), then pscan) with our softplus and gate."""
+    from mambapy.pscan import pscan
+
+    dt = F.softplus(x["delta"] + x["delta_bias"][:, None]).transpose(1, 2)   # (B, L, D)
+    u = x["u"].transpose(1, 2)
+    delta_a = torch.exp(dt.unsqueeze(-1) * x["A"])                          # (B, L, D, N)
+    bx = (dt * u).unsqueeze(-1) * x["B"].transpose(1, 2).unsqueeze(2)        # (B, L, D, N)
+    hs = pscan(delta_a, bx)
+    y = (hs @ x["C"].transpose(1, 2).unsqueeze(-1)).squeeze(3) + x["D"] * u
+    return y.transpose(1, 2) * F.silu(x["z"])
+
+
+def loop_scan(x):
+    """The recurrence as a Python loop over L with autograd through every step."""
+    dt = F.softplus(x["delta"] + x["delta_bias"][:, None])
+    h = x["u"].new_zeros(BATCH, DIM, NSTATE)
+    ys = []
+    for t in range(x["u"].shape[2]):
+        h = torch.exp(dt[:, :, t, None] * x["A"]) * h + (dt[:, :, t] * x["u"][:, :, t])[..., None] * x["B"][:, None, :, t]
+        ys.append((h * x["C"][:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1) + x["u"] * x["D"][:, None]
+    return y * F.silu(x["z"])
+
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(fn, length, repeats):
+    x = make_inputs(length)
+    fwd = []
+    for _ in range(repeats):
+        with torch.no_grad():
+            start = time.perf_counter()
+            fn(x)
+            fwd.append(time.perf_counter() - start)
+        if fwd[-1] > 10:
+            break
+    both, peak, saved = [], 0, 0
+    for _ in range(repeats):
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        sizes = []
+        _reset_peak_rss()
+        rss0 = _status_kb("VmRSS")
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+            y = fn(leaves)
+        y.sum().backward()
+        both.append(time.perf_counter() - start)
+        peak = max(peak, (_status_kb("VmHWM") - rss0) / 1024)
+        saved = max(saved, sum(sizes) / 2**20)
+        del y, leaves
+        if both[-1] > 10:
+            break
+    return min(fwd), min(both), peak, saved
+
+
+def machine_description():
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:12]
+    import numba
+    lines = [*lscpu, f"cores visible: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
+             f"numba threads: {numba.get_num_threads()}",
+             f"python {platform.python_version()}, torch {torch.__version__}, numba {numba.__version__}",
+             f"load average at start: {os.getloadavg()}"]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--loop-length", type=int, default=256,
+                        help="largest L at which the Python loop is timed; scaled linearly beyond")
+    parser.add_argument("--torch-length", type=int, default=4096,
+                        help="largest L at which the torch backend is timed; scaled linearly beyond")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    print(machine_description())
+    backends = [name for name in ss.available_scan_backends() if name != "cuda"]
+    for name in backends:  # compile (or load cached) numba kernels outside the timings
+        backend_scan(name)(make_inputs(64))
+
+    print("\n| L | method | fwd s | fwd+bwd s | peak RSS MB | saved MB | fwd+bwd: x pscan | x loop |")
+    print("|---|---|---|---|---|---|---|---|")
+    methods = [(f"ss:{name}", backend_scan(name), args.torch_length if name == "torch" else None)
+               for name in backends]
+    methods += [("mambapy pscan", mambapy_scan, None), ("python loop", loop_scan, args.loop_length)]
+    timed = {}  # (method, measured L) -> times, so a scaled measurement is taken once
+    for length in args.lengths:
+        results = {}
+        for label, fn, longest in methods:
+            measured = min(length, longest or length)
+            scale = length / measured
+            if (label, measured) not in timed:
+                timed[label, measured] = measure(fn, measured, args.repeats)
+            times = timed[label, measured]
+            label = label if scale == 1 else f"{label} (L={measured}, x{scale:g})"
+            results[label] = [value * scale for value in times]
+        pscan_time = results["mambapy pscan"][1]
+        loop_time = next(v for k, v in results.items() if k.startswith("python loop"))[1]
+        for label, (fwd, both, peak, saved) in results.items():
+            print(f"| {length} | {label} | {fwd:.3f} | {both:.3f} | {peak:.0f} | {saved:.1f} | "
+                  f"{pscan_time / both:.1f} | {loop_time / both:.0f} |", flush=True)
+    print("\nRows marked (L=..., xN) were timed at that shorter L and scaled linearly (time and memory).")
+
+
+if __name__ == "__main__":
+    main()

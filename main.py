@@ -160,9 +160,7 @@ def _eval_dir(checkpoint, output, kind):
 def cmd_test(args):
     cfg, checkpoint = _checkpoint_config(args)
     out_dir = _eval_dir(checkpoint, args.output, "eval")
-    summary = importlib.import_module("test").evaluate(cfg, checkpoint, out_dir)
-    print(f"evaluation written to {out_dir}")
-    return summary
+    return importlib.import_module("test").evaluate(cfg, checkpoint, out_dir)
 
 
 def cmd_predict(args):

@@ -139,7 +139,8 @@ def test_main_job_without_arguments(calls, tmp_path, capsys, monkeypatch):
     assert calls[2][2] == folder / "checkpoint_best.pt" and calls[2][3] == folder / "eval" / "checkpoint_best"
     out = capsys.readouterr().out
     for line in (f"run folder:   {folder}", f"config:       {folder / 'config.yaml'}",
-                 f"log:          {folder / 'train.log'}", f"TensorBoard:  tensorboard --logdir {folder}", f"evaluation:   {folder / 'eval' / 'checkpoint_best'}",
+                 f"log:          {folder / 'train.log'}", f"TensorBoard:  tensorboard --logdir {folder}",
+                 f"evaluation:   {folder / 'eval' / 'checkpoint_best'}",
                  "(best, validation metric 0.7500)"):
         assert line in out
 

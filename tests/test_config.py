@@ -248,7 +248,7 @@ def test_em_net_config_lists_every_effective_argument():
         assert key in cfg["model"]
 
 
-# ---------------------------------------------------------------------------------------------------- save / load / run dir
+# ---------------------------------------------------------------------------------- save / load / run dir
 
 
 def test_save_load_round_trip(files, tmp_path):

@@ -7,11 +7,13 @@ Batch 1, D 96, N 16, float32, softplus, D and z present. "fwd" is a forward unde
 fwd+bwd, then times are the best of --repeats (one run when a run takes over 10 s). The slow
 methods (Python loop, torch backend) are timed at a shorter L and scaled linearly where marked
 "xN"; the loop's backward grows faster than linearly in L (its slices' gradients are full-length),
-so the scaled time favours the loop. Memory: peak RSS growth during fwd+bwd (Linux VmHWM, reset
-through /proc/self/clear_refs; memory freed earlier and reused is not counted) and the bytes
-autograd saved for backward (saved_tensors_hooks).
+so the scaled time favours the loop. Memory: peak RSS growth (Linux VmHWM, reset through
+/proc/self/clear_refs) during the first, untimed fwd+bwd, which includes one-time runtime
+allocations, and the bytes autograd saved for backward (saved_tensors_hooks). Each method and L
+runs in a fresh process, so the peak is not hidden by memory an earlier method freed.
 """
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -89,14 +91,27 @@ def _reset_peak_rss():
         f.write("5")
 
 
+def _fwd_bwd(fn, x):
+    """One forward with gradients and backward; returns the bytes autograd saved for backward."""
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+        y = fn(leaves)
+    y.sum().backward()
+    return sum(sizes)
+
+
 def measure(fn, length, repeats):
+    """(fwd s, fwd+bwd s, peak RSS growth MB, saved MB); run in a fresh process per method and L."""
     x = make_inputs(length)
-    # One untimed fwd+bwd first: in this VM the first touch of fresh memory is very slow, and
-    # that would otherwise be charged to whichever method runs first.
-    warm = {k: v.clone().requires_grad_() for k, v in x.items()}
-    fn(warm).sum().backward()
-    del warm
-    fwd = []
+    # The first fwd+bwd gives the peak memory (nothing freed earlier to reuse) and stays untimed:
+    # in this VM the first touch of fresh memory is slow, which is not the method's cost.
+    _reset_peak_rss()
+    rss0 = _status_kb("VmRSS")
+    saved = _fwd_bwd(fn, x)
+    peak = (_status_kb("VmHWM") - rss0) / 1024
+    fwd, both = [], []
     for _ in range(repeats):
         with torch.no_grad():
             start = time.perf_counter()
@@ -104,24 +119,27 @@ def measure(fn, length, repeats):
             fwd.append(time.perf_counter() - start)
         if fwd[-1] > 10:
             break
-    both, peak, saved = [], 0, 0
     for _ in range(repeats):
-        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
-        sizes = []
-        _reset_peak_rss()
-        rss0 = _status_kb("VmRSS")
         start = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
-            y = fn(leaves)
-        y.sum().backward()
+        _fwd_bwd(fn, x)
         both.append(time.perf_counter() - start)
-        peak = max(peak, (_status_kb("VmHWM") - rss0) / 1024)
-        saved = max(saved, sum(sizes) / 2**20)
-        del y, leaves
         if both[-1] > 10:
             break
-    return min(fwd), min(both), peak, saved
+    return min(fwd), min(both), peak, saved / 2**20
+
+
+def _method(label):
+    if label.startswith("ss:"):
+        name = label[3:]
+        backend_scan(name)(make_inputs(64))  # compile or load the cached numba kernels, untimed
+        return backend_scan(name)
+    return {"mambapy pscan": mambapy_scan, "python loop": loop_scan}[label]
+
+
+def measure_in_subprocess(label, length, repeats):
+    command = [sys.executable, os.path.abspath(__file__), "--worker", label, str(length), str(repeats)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def machine_description():
@@ -142,26 +160,27 @@ def main():
     parser.add_argument("--torch-length", type=int, default=4096,
                         help="largest L at which the torch backend is timed; scaled linearly beyond")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "L", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        label, length, repeats = args.worker
+        print(json.dumps(measure(_method(label), int(length), int(repeats))))
+        return
 
     print(machine_description())
     backends = [name for name in ss.available_scan_backends() if name != "cuda"]
-    for name in backends:  # compile (or load cached) numba kernels outside the timings
-        backend_scan(name)(make_inputs(64))
-
     print("\n| L | method | fwd s | fwd+bwd s | peak RSS MB | saved MB | fwd+bwd: x pscan | x loop |")
     print("|---|---|---|---|---|---|---|---|")
-    methods = [(f"ss:{name}", backend_scan(name), args.torch_length if name == "torch" else None)
-               for name in backends]
-    methods += [("mambapy pscan", mambapy_scan, None), ("python loop", loop_scan, args.loop_length)]
+    methods = [(f"ss:{name}", args.torch_length if name == "torch" else None) for name in backends]
+    methods += [("mambapy pscan", None), ("python loop", args.loop_length)]
     timed = {}  # (method, measured L) -> times, so a scaled measurement is taken once
     for length in args.lengths:
         results = {}
-        for label, fn, longest in methods:
+        for label, longest in methods:
             measured = min(length, longest or length)
             scale = length / measured
             if (label, measured) not in timed:
-                timed[label, measured] = measure(fn, measured, args.repeats)
+                timed[label, measured] = measure_in_subprocess(label, measured, args.repeats)
             times = timed[label, measured]
             label = label if scale == 1 else f"{label} (L={measured}, x{scale:g})"
             results[label] = [value * scale for value in times]

@@ -52,12 +52,12 @@ HU = {
 # Later organs are drawn over earlier ones (the gallbladder sits in a notch of the liver).
 ORGANS = [
     (5, "liver", (16.0, 2.0, 16.0), (20.0, 18.0, 24.0)),
-    (4, "gallbladder", (12.0, 15.0, -4.0), (6.0, 5.5, 8.0)),
+    (4, "gallbladder", (12.0, 15.0, -4.0), (7.0, 6.5, 9.0)),
     (1, "spleen", (-27.0, -10.0, 20.0), (9.0, 7.0, 14.0)),
     (6, "stomach", (-12.0, 11.0, 16.0), (12.0, 9.0, 12.0)),
     (2, "kidney", (19.0, -17.0, -14.0), (7.0, 6.0, 13.0)),
     (3, "kidney", (-19.0, -17.0, -10.0), (7.0, 6.0, 13.0)),
-    (8, "pancreas", (-4.0, -3.0, -6.0), (17.0, 5.5, 5.5)),
+    (8, "pancreas", (-4.0, -3.0, -6.0), (18.0, 6.5, 6.5)),
 ]
 AORTA = (7, (-3.0, -16.0), 5.0)  # label, (x, y) centre of a vertical tube, radius, all mm
 SPINE = ((0.0, -27.0), 7.0)  # vertebral body behind the aorta

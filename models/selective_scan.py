@@ -83,7 +83,7 @@ def scan_backend_for(tensor):
     if tensor.is_cuda:
         usable = tensor.dtype != torch.float64 and _mamba_scan_fn() is not None
         return "cuda" if usable else "torch"
-    return "numba" if _numba is not None else "torch"
+    return "numba" if tensor.device.type == "cpu" and _numba is not None else "torch"
 
 
 def _resolve_backend(u):

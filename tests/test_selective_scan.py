@@ -129,6 +129,7 @@ def test_saved_memory_does_not_scale_with_states(backend):
 def test_backend_selection_and_errors(monkeypatch):
     cpu = torch.zeros(1)
     assert ss.scan_backend_for(cpu) == ("numba" if "numba" in CPU_BACKENDS else "torch")
+    assert ss.scan_backend_for(torch.zeros(1, device="meta")) == "torch"
     assert "torch" in ss.available_scan_backends()
     with pytest.raises(ValueError, match="unknown scan backend 'nope'.*torch"):
         ss.set_scan_backend("nope")

@@ -357,20 +357,20 @@ class _NumbaScan(torch.autograd.Function):
                        out.numpy(), states.numpy())
         if grad:
             ctx.save_for_backward(u, delta, A, Bt, Ct, Dv, zz, bias, states)
-            ctx.flags = (delta_softplus, z is not None)
+            ctx.flags = (delta_softplus, z is not None, NUMBA_CHUNK)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, Bt, Ct, Dv, zz, bias, states = ctx.saved_tensors
-        softplus, has_z = ctx.flags
+        softplus, has_z, chunk = ctx.flags
         batch, dim, length = u.shape
         groups = max(1, min(_numba.get_num_threads(), batch * dim))
         du, ddelta, dz = (torch.empty_like(u) for _ in range(3))
         parts = [torch.zeros(groups, *shape, dtype=u.dtype) for shape in
                  (A.shape, Bt.shape, Ct.shape, (dim,), (dim,))]
         arrays = [t.numpy() for t in (u, delta, A, Bt, Ct, Dv, zz, bias)]
-        _numba_backward(*arrays, softplus, has_z, NUMBA_CHUNK, states.numpy(),
+        _numba_backward(*arrays, softplus, has_z, chunk, states.numpy(),
                         dout.detach().to(u.dtype).contiguous().numpy(), du.numpy(), ddelta.numpy(),
                         dz.numpy(), *(p.numpy() for p in parts))
         dA, dBt, dCt, dD, dbias = (p.sum(0) for p in parts)

@@ -90,8 +90,10 @@ def _train(cfg, run_dir, resume, ctx):
 
     train_loader = make_train_loader(cfg, ctx.rank, ctx.world_size)
     val_loader = make_eval_loader(cfg, "validation")
-    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True),
-                                  t["deep_supervision_weights"])
+    # No numerator smoothing, as in the reference: a class absent from a crop then adds a constant to
+    # the Dice loss instead of pushing its prediction to zero everywhere (which stalls small organs).
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+    loss_fn = DeepSupervisionLoss(dice_ce, t["deep_supervision_weights"])
     writer = SummaryWriter(log_dir=str(run_dir)) if ctx.is_main else None
     batches = _cycle(train_loader, first_pass=state.iteration // max(len(train_loader), 1))
     total = t["max_epochs"] * t["iters_per_epoch"]

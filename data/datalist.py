@@ -2,11 +2,13 @@
 import json
 from pathlib import Path
 
+from config import ConfigError
+
 SPLITS = ("training", "validation", "test")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError, ValueError):
     """A data set or its description is unusable; the message names the file, key or value at fault."""
 
 

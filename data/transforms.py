@@ -6,6 +6,7 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -15,6 +16,8 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+
+from .datalist import DataConfigError
 
 
 def _preprocess(cfg, keys):
@@ -45,16 +48,7 @@ def train_transforms(cfg):
         + [
             EnsureTyped(keys=keys, track_meta=False),
             SpatialPadd(keys=keys, spatial_size=roi),
-            RandCropByPosNegLabeld(
-                keys=keys,
-                label_key="label",
-                spatial_size=roi,
-                pos=d["pos"],
-                neg=d["neg"],
-                num_samples=d["num_samples"],
-                image_key="image",
-                image_threshold=0,
-            ),
+            _random_crop(cfg, keys, roi),
             RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=0),
             RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=1),
             RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=2),
@@ -63,6 +57,22 @@ def train_transforms(cfg):
             RandShiftIntensityd(keys="image", offsets=d["intensity_shift"], prob=d["intensity_prob"]),
         ]
     )
+
+
+def _random_crop(cfg, keys, roi):
+    d = cfg["data"]
+    if d["crop_sampling"] == "posneg":
+        return RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=roi, pos=d["pos"], neg=d["neg"],
+            num_samples=d["num_samples"], image_key="image", image_threshold=0,
+        )
+    if d["crop_sampling"] == "classes":
+        # Crop centres drawn class by class, so small organs are seen as often as the liver.
+        return RandCropByLabelClassesd(
+            keys=keys, label_key="label", spatial_size=roi, num_classes=cfg["model"]["out_channels"],
+            num_samples=d["num_samples"], image_key="image", image_threshold=0,
+        )
+    raise DataConfigError(f"data.crop_sampling must be 'posneg' or 'classes', got {d['crop_sampling']!r}")
 
 
 def eval_transforms(cfg, with_label=True):

@@ -198,6 +198,23 @@ def test_train_transforms_crop_to_roi_in_unit_range(tiny):
         assert set(torch.unique(crop["label"]).tolist()) <= {0, 1, 2, 3}
 
 
+def test_class_balanced_crops_centre_on_every_class(tiny):
+    _, cfg = tiny
+    cfg["data"].update(crop_sampling="classes", num_samples=64)
+    cfg["model"]["roi_size"] = [8, 8, 8]  # small enough that a crop's centre voxel decides its class
+    item = data.read_datalist(cfg)["training"][0]
+    centres = [int(c["label"][0, 4, 4, 4]) for c in data.train_transforms(cfg)(item)]
+    counts = np.bincount(centres, minlength=4)
+    assert (counts >= 6).all(), counts  # 16 expected per class; with pos/neg, class 2 or 3 would be rarer
+
+
+def test_unknown_crop_sampling_is_named(tiny):
+    _, cfg = tiny
+    cfg["data"]["crop_sampling"] = "balanced"
+    with pytest.raises(data.DataConfigError, match="data.crop_sampling.*'balanced'"):
+        data.train_transforms(cfg)
+
+
 def test_eval_transforms_resample_reorient_and_window(tiny):
     _, cfg = tiny
     item = data.read_datalist(cfg)["validation"][0]

@@ -114,7 +114,7 @@ def test_ensure_generates_once_and_atomically(tmp_path, monkeypatch):
 
 
 def test_synthetic_config_reads_and_fits_roi(tmp_path):
-    """configs/datasets/synthetic.yaml on the phantoms: volumes resample to about the 64^3 window."""
+    """configs/datasets/synthetic.yaml on the phantoms: at 2 mm the body is a few 32^3 windows across."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -128,9 +128,9 @@ def test_synthetic_config_reads_and_fits_roi(tmp_path):
     assert data.class_names(cfg)[5] == "liver" and len(dl["test"]) == 1
     out = data.eval_transforms(cfg)(dl["validation"][0])
     shape = out["image"].shape[1:]
-    assert all(40 <= n <= 64 for n in shape), shape
+    assert all(32 <= n <= 64 for n in shape), shape  # about 48 x 34 x 50
     assert all(r % 32 == 0 for r in cfg["model"]["roi_size"])
     label = out["label"][0].numpy()
     assert set(np.unique(label).tolist()) == set(range(9))
     # after resampling even the smallest organ keeps a real volume
-    assert min(int((label == v).sum()) for v in range(1, 9)) >= 100
+    assert min(int((label == v).sum()) for v in range(1, 9)) >= 40

@@ -329,7 +329,7 @@ def test_two_process_ddp_on_cpu(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name, optimizer, lr", [("sgd", torch.optim.SGD, 1e-2), ("adamw", torch.optim.AdamW, 3e-4),
-                                                 ("synthetic", torch.optim.AdamW, 1e-3)])
+                                                 ("synthetic", torch.optim.AdamW, 5e-3)])
 def test_trainer_configs_resolve_and_build(name, optimizer, lr):
     cfg = resolve_config(trainer_config=name)
     train._check_trainer_config(cfg)

@@ -269,7 +269,6 @@ def _validate_model(values, base, sources):
 def _model_arguments(name, source):
     # Imported here so that reading a config does not pull in torch.
     import models  # noqa: F401  (registers EM-Net)
-    import networks  # noqa: F401  (baselines register themselves in the same registry)
     from models.registry import model_defaults
 
     try:

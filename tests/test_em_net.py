@@ -14,7 +14,8 @@ from models.layers import EFLLayer, FourierFilter
 from models.mamba import BiMamba
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+# Every state_dict key and shape of the reference implementation for its tiny config (EM-Net.md).
+REFERENCE_KEYS = Path(__file__).resolve().parent / "data" / "emnet_tiny_reference_keys.tsv"
 TINY = dict(in_channels=1, out_channels=4, feature_size=[8, 16, 32, 64], depths=[2, 2, 2, 2],
             fft_nums=[0, 0, 2, 2], hidden_size=64, roi_size=[32, 32, 32])
 
@@ -42,7 +43,7 @@ def test_parameter_counts_match_paper(config, out_channels, roi, expected):
 
 
 def reference_keys():
-    rows = (line.split("\t") for line in (REFERENCE / "emnet_tiny_reference_keys.tsv").read_text().splitlines())
+    rows = (line.split("\t") for line in REFERENCE_KEYS.read_text().splitlines())
     return {key: tuple(int(s) for s in shape.strip("()").split(",") if s.strip()) for key, shape in rows}
 
 

@@ -1,5 +1,6 @@
 """EM-Net (MICCAI 2024): a Mamba encoder with channel squeeze-reinforce and frequency layers, and a
-decoder with additive skips. Sizes follow the paper; see docs/model.md for the layout."""
+decoder with additive skips, sized as in the paper. convert_reference_state_dict maps checkpoints of the
+reference code to these module names."""
 import re
 
 import torch

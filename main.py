@@ -173,17 +173,13 @@ def cmd_predict(args):
 
 
 def count_flops(cfg):
-    """Parameters and forward FLOPs/MACs at (1, in_channels, *roi_size) on trainer.device.
-
-    Counted with torch.utils.flop_counter (convolutions and matrix products, 2 FLOPs per multiply-add, so
-    MACs = FLOPs / 2); element-wise work (norms, activations, FFTs, the selective scan) is not counted.
-    calflops is not used: its package imports transformers, and it pulls accelerate and huggingface_hub.
-    """
+    """Parameters, forward FLOPs and MACs at (1, in_channels, *roi_size) on trainer.device
+    (models.complexity says what is counted)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     import models
     from models import selective_scan
+    from models.complexity import count_flops as count_model_flops
 
     device = cfg["trainer"]["device"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -194,11 +190,7 @@ def count_flops(cfg):
         raise ConfigError(f"flops: {err}") from None
     model = models.build_model(cfg["model"]["name"], **config.model_kwargs(cfg)).to(torch_device).eval()
     x = torch.zeros(1, cfg["model"]["in_channels"], *cfg["model"]["roi_size"], device=torch_device)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    flops = counter.get_total_flops()
-    return {"params": sum(p.numel() for p in model.parameters()), "flops": flops, "macs": flops // 2}
+    return count_model_flops(model, x)
 
 
 def cmd_flops(args):
@@ -207,8 +199,8 @@ def cmd_flops(args):
     shape = (1, cfg["model"]["in_channels"], *cfg["model"]["roi_size"])
     print(f"model {cfg['model']['name']} at input {tuple(shape)}")
     print(f"params: {result['params']:,} ({result['params'] / 1e6:.2f} M)")
-    print(f"GFLOPs: {result['flops'] / 1e9:.2f}")
-    print(f"GMACs:  {result['macs'] / 1e9:.2f}")
+    print(f"GFLOPs: {result['flops'] / 1e9:.2f} (of which selective scans {result['scan_flops'] / 1e9:.2f})")
+    print(f"GMACs:  {result['macs'] / 1e9:.2f} (convolutions and matrix products)")
     return result
 
 

@@ -153,7 +153,8 @@ def test_default_command_lets_train_py_run_with_the_same_flags(calls, configs):
 def test_flops_counts_a_convolution_exactly(configs, capsys):
     cfg = config.resolve_config(configs[1], configs[3], configs[5])
     # Conv3d 1->2, kernel 3, padding 1 at 4^3: 2 * 64 outputs x 27 multiply-adds each
-    assert main.count_flops(cfg) == {"params": 2 * 27 + 2, "flops": 2 * 2 * 64 * 27, "macs": 2 * 64 * 27}
+    assert main.count_flops(cfg) == {"params": 2 * 27 + 2, "flops": 2 * 2 * 64 * 27, "macs": 2 * 64 * 27,
+                                     "scan_flops": 0}
     main.cli(["flops", *configs])
     out = capsys.readouterr().out
     assert "model clitest-conv at input (1, 1, 4, 4, 4)" in out and "params: 56 (0.00 M)" in out

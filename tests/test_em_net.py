@@ -196,3 +196,16 @@ def test_bfloat16_autocast_forward_is_finite_and_close_to_float32():
             half = model(x)
     assert torch.isfinite(half).all()
     assert (half.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
+def test_flop_count_adds_both_scan_directions_to_the_dense_count():
+    from models.complexity import count_flops
+
+    m = BiMamba(8)  # E = 16, N = 16, dt_rank 1
+    batch, length = 2, 10
+    counted = count_flops(m, torch.zeros(batch, length, 8))
+    per_scan = 9 * batch * 16 * length * 16 + 2 * batch * 16 * length
+    dense = 2 * batch * length * (8 * 32 + 2 * (16 * 33 + 1 * 16) + 16 * 8)  # in, 2x (x_proj, dt_proj), out
+    dense += 2 * (2 * batch * 16 * (length + 3) * 4)  # 2x depthwise conv, kernel 4, padded both sides then cut
+    assert counted["scan_flops"] == 2 * per_scan
+    assert counted["flops"] == dense + 2 * per_scan

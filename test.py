@@ -22,6 +22,7 @@ from checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from config import ConfigError, model_kwargs
 from distributed import resolve_device
 from models.em_net import convert_reference_state_dict
+from models.selective_scan import set_scan_backend
 
 # Deep-supervision heads exist only in training; a model built without them has no such keys.
 DEEP_SUPERVISION_PREFIX = "deep_supervision_heads."
@@ -37,6 +38,10 @@ def load_model(cfg, checkpoint_path, device):
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise ConfigError(f"checkpoint not found: {checkpoint_path}")
+    try:
+        set_scan_backend(cfg["trainer"]["scan_backend"])
+    except ValueError as err:
+        raise ConfigError(f"trainer.scan_backend: {err}") from None
     ckpt = load_checkpoint(checkpoint_path)
     name = cfg["model"]["name"]
     kwargs = model_kwargs(cfg)

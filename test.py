@@ -237,3 +237,11 @@ def predict(cfg, checkpoint, inputs, out_dir):
         pred = _segment(model, batch, cfg, device)
         written.append(data.save_segmentation(pred, batch, Path(out_dir) / f"{_case_name(path)}.nii.gz"))
     return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    import main
+
+    main.cli(sys.argv[1:], default_command="test")

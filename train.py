@@ -389,3 +389,11 @@ def _resume(resume_dir, cfg, model, optimizer, scheduler, scaler, ctx):
              f"; changed settings: {'; '.join(changed)}" if changed else "")
     return TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], best_metric=ckpt["best_metric"],
                       best_epoch=ckpt.get("best_epoch"), history=ckpt["history"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    import main
+
+    main.cli(sys.argv[1:], default_command="train")

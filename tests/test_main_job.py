@@ -91,3 +91,13 @@ def test_unknown_scan_backend_for_test_is_a_one_line_error(main_job):
                             cwd=work, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "trainer.scan_backend" in result.stderr and "'triton'" in result.stderr
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--set", "trainer.lrr=1"], "did you mean 'trainer.lr'"),
+    ("test.py", ["--checkpoint", "missing.pt"], "checkpoint missing.pt not found"),
+])
+def test_train_and_test_scripts_run_directly_with_the_cli_flags(tmp_path, script, args, message):
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr

@@ -27,7 +27,8 @@ def causal_conv1d_silu(x, weight, bias):
     if x.is_cuda:
         kernel = _cuda_causal_conv1d()
         if kernel is not None:
-            return kernel(x, weight.squeeze(1), bias, activation="silu")
+            # The kernel wants L contiguous; x arrives channels-last from the input projection.
+            return kernel(x.contiguous(), weight.squeeze(1), bias, activation="silu")
     width = weight.shape[-1]
     out = F.conv1d(x, weight, bias, padding=width - 1, groups=x.shape[1])
     return F.silu(out[..., : x.shape[-1]])

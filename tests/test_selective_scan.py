@@ -173,3 +173,17 @@ def test_cuda_backend_matches_reference():
     torch.testing.assert_close(y.detach().cpu().double(), y_ref, rtol=1e-3, atol=1e-3)
     for name, tensor in inputs.items():
         torch.testing.assert_close(tensor.grad.cpu().double(), cpu[name].grad, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def test_backend_check_script_compares_outputs_and_gradients():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "check_scan_backends.py"
+    args = ["--test", "torch", "--reference", "numba", "--lengths", "300", "--dim", "8"]
+    ok = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "ddelta_bias" in ok.stdout and ok.stdout.rstrip().splitlines()[-1].startswith("OK")
+    strict = subprocess.run([sys.executable, str(script), *args, "--tolerance", "1e-12"], capture_output=True,
+                            text=True, timeout=300)
+    assert strict.returncode == 1 and "FAILED" in strict.stdout  # float32 backends never agree to 1e-12

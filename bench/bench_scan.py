@@ -1,6 +1,6 @@
 """Selective-scan timing and memory on CPU: our backends beside mambapy's pscan and a Python loop.
 
-    python bench/bench_scan.py [--lengths 4096 32768] [--loop-length 1024] [--torch-length 4096] [--repeats 2]
+    python bench/bench_scan.py [--lengths 4096 32768] [--loop-length 4096] [--torch-length 4096] [--repeats 2]
 
 Batch 1, D 96, N 16, float32, softplus, D and z present. "fwd" is a forward under no_grad,
 "fwd+bwd" a forward with gradients enabled plus backward of y.sum(). Each method gets one untimed
@@ -155,7 +155,7 @@ def machine_description():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--loop-length", type=int, default=1024,
+    parser.add_argument("--loop-length", type=int, default=4096,
                         help="largest L at which the Python loop is timed; scaled linearly beyond")
     parser.add_argument("--torch-length", type=int, default=4096,
                         help="largest L at which the torch backend is timed; scaled linearly beyond")

@@ -6,10 +6,11 @@ torch.load(weights_only=True): a checkpoint holds tensors and plain Python value
 """
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from fileio import atomic_path
 
 RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "scaler", "epoch", "iteration", "best_metric",
                "rng", "config", "history")
@@ -28,20 +29,9 @@ def save_checkpoint(path, state):
 
     A crash or a failing save leaves the previous file at `path` untouched and no temporary file behind.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+    return os.fspath(path)
 
 
 def _describe(obj):

@@ -10,10 +10,11 @@ import difflib
 import inspect
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from fileio import atomic_path
 
 ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = ROOT / "configs"
@@ -107,19 +108,9 @@ def load_config(path, overrides=()):
 
 def save_config(cfg, path):
     """Write `cfg` as YAML atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(_plain(cfg), f, sort_keys=False, default_flow_style=None)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        yaml.safe_dump(_plain(cfg), f, sort_keys=False, default_flow_style=None)
+    return Path(path)
 
 
 def run_dir(cfg, logdir=None):

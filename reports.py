@@ -6,9 +6,6 @@ a half-written file behind.
 """
 import csv
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 
 import matplotlib
 
@@ -16,28 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 import numpy as np  # noqa: E402
 
+from fileio import atomic_path  # noqa: E402
+
 CSV_FIELDS = ("case", "class_index", "class_name", "dice", "hd95")
-
-
-@contextmanager
-def _atomic_path(path, suffix=""):
-    """Yield a temporary path in the destination folder; rename it onto `path` on success."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_metrics_csv(rows, path):
     """Write one line per case and class with the columns of CSV_FIELDS."""
-    with _atomic_path(path, ".csv") as tmp:
+    with atomic_path(path, ".csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
             writer.writeheader()
@@ -101,7 +84,7 @@ def summarize(rows, class_names):
 
 
 def write_summary_json(summary, path):
-    with _atomic_path(path, ".json") as tmp:
+    with atomic_path(path, ".json") as tmp:
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
@@ -160,7 +143,7 @@ def save_overlay_png(image, gt, pred, path, num_slices=4):
             ax.set_title(f"{title}, slice {z}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    with _atomic_path(path, ".png") as tmp:
+    with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return path
@@ -189,7 +172,7 @@ def plot_progress(history, path):
         best = int(np.argmax(history["val_dice"]))
         ax_dice.set_title(f"best {history['val_dice'][best]:.4f} at epoch {history['val_epoch'][best]}", fontsize=9)
     fig.tight_layout()
-    with _atomic_path(path, ".png") as tmp:
+    with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return path

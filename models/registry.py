@@ -1,12 +1,20 @@
-"""One registry for every network: EM-Net and the baselines register here by name."""
+"""One registry for every network: EM-Net registers here, and so does every baseline under networks/.
+
+The baselines package is imported on the first lookup (as timm imports its model modules), so that
+`models.build_model("unet", ...)` works without the caller knowing where a network lives, while models/
+itself never imports networks/ at import time.
+"""
 import difflib
+import importlib
 import inspect
 
 _BUILDERS = {}
+_PLUGIN_PACKAGES = ("networks",)
+_plugins_loaded = False
 
 
 def register_model(name):
-    """Decorator registering a class or factory under `name` (lower-case, dash-separated)."""
+    """Decorator registering a class or factory under `name` (lower-case; the paper's spelling)."""
 
     def decorator(builder):
         if name in _BUILDERS:
@@ -17,11 +25,21 @@ def register_model(name):
     return decorator
 
 
+def _load_plugins():
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for package in _PLUGIN_PACKAGES:
+            importlib.import_module(package)
+
+
 def list_models():
+    _load_plugins()
     return sorted(_BUILDERS)
 
 
 def _builder(name):
+    _load_plugins()
     try:
         return _BUILDERS[name]
     except KeyError:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-from monai.inferers import SlidingWindowInferer
 from tqdm import tqdm
 
 import data
@@ -21,14 +19,13 @@ import reports
 from checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from config import ConfigError, model_kwargs
 from distributed import resolve_device
+from inference import infer_volume
 from models.em_net import convert_reference_state_dict
 from models.selective_scan import set_scan_backend
 
 # Deep-supervision heads exist only in training; a model built without them has no such keys.
 DEEP_SUPERVISION_PREFIX = "deep_supervision_heads."
 REFERENCE_PREFIX = "mamba_encoder."  # keys of the reference EM-Net implementation
-BLEND_MODES = ("gaussian", "constant")
-SPATIAL_AXES = (2, 3, 4)
 
 
 # ---- model ------------------------------------------------------------------------------------------------
@@ -83,46 +80,6 @@ def resolve_inference_device(cfg):
 
 
 # ---- inference --------------------------------------------------------------------------------------------
-
-def _check_inference_config(cfg, overlap):
-    inf = cfg["inference"]
-    if inf["blend_mode"] not in BLEND_MODES:
-        raise ConfigError(f"inference.blend_mode = {inf['blend_mode']!r}, expected one of {', '.join(BLEND_MODES)}")
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError(f"sliding-window overlap {overlap} must lie in [0, 1) (inference.overlap / val_overlap)")
-    if inf["sw_batch_size"] < 1:
-        raise ConfigError(f"inference.sw_batch_size = {inf['sw_batch_size']}, expected at least 1")
-
-
-def infer_volume(model, image, cfg, overlap=None):
-    """Softmax probabilities (B, C, H, W, D) of `image` (B, C_in, H, W, D) by sliding-window inference.
-
-    The window is the model's training window cfg["model"]["roi_size"]; `overlap` defaults to
-    inference.overlap (validation passes inference.val_overlap). With inference.mirror the softmax is
-    averaged over all 8 combinations of flips of the three spatial axes.
-    """
-    inf = cfg["inference"]
-    overlap = inf["overlap"] if overlap is None else overlap
-    _check_inference_config(cfg, overlap)
-    inferer = SlidingWindowInferer(
-        roi_size=list(cfg["model"]["roi_size"]),
-        sw_batch_size=inf["sw_batch_size"],
-        overlap=overlap,
-        mode=inf["blend_mode"],
-    )
-    flips = [()]
-    if inf["mirror"]:
-        flips = [tuple(a for a, bit in zip(SPATIAL_AXES, bits) if bit) for bits in np.ndindex(2, 2, 2)]
-    use_amp = image.device.type == "cuda" and cfg["trainer"]["amp"]
-    probs = None
-    with torch.no_grad(), torch.autocast(device_type=image.device.type, enabled=use_amp):
-        for axes in flips:
-            x = torch.flip(image, axes) if axes else image
-            p = torch.softmax(inferer(x, model).float(), dim=1)
-            p = torch.flip(p, axes) if axes else p
-            probs = p if probs is None else probs + p
-    return probs / len(flips)
-
 
 def _case_name(path):
     name = Path(path).name

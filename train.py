@@ -12,12 +12,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
@@ -25,10 +23,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import distributed
+import metrics
 from checkpoint import (RESUME_KEYS, capture_rng, load_checkpoint, load_model_weights, restore_rng,
                         save_checkpoint, unwrap_model)
 from config import ConfigError, model_kwargs, save_config
 from data import class_names, make_eval_loader, make_train_loader
+from inference import infer_volume
 from models import build_model
 from models.selective_scan import set_scan_backend
 from reports import plot_progress
@@ -129,7 +129,7 @@ def _train(cfg, run_dir, resume, ctx):
                 state.history["lr"].append(lr)
                 result = None
                 if state.epoch % t["val_every"] == 0 or state.epoch == t["max_epochs"]:
-                    result = validate(model, val_loader, cfg, ctx, use_amp)
+                    result = validate(model, val_loader, cfg, ctx)
                     _record_validation(state, result, names)
                     if ctx.is_main and result["improved"]:
                         save_checkpoint(run_dir / BEST, snapshot())
@@ -257,37 +257,36 @@ def train_step(model, batch, loss_fn, optimizer, scaler, t, device, use_amp):
 
 
 @torch.no_grad()
-def validate(model, loader, cfg, ctx, use_amp):
-    """Sliding-window Dice per foreground class over the validation set (cases split across ranks).
+def validate(model, loader, cfg, ctx):
+    """Dice and HD95 per foreground class over the validation cases, scored as `test` scores them
+    (inference.infer_volume, then metrics.per_class_metrics with its empty-mask rule), but in the
+    preprocessed space at data.spacing, without resampling back to each file's grid: cheaper, and
+    close to the test numbers. No mirroring (8x the cost). Cases are split across ranks; the sums are reduced.
 
-    Returns {"mean_dice", "class_dice" (one per foreground class, nan where no case has that class)}.
-    A case whose label lacks a class does not count for that class (monai's ignore_empty).
+    Returns {"mean_dice" (over foreground classes: the best-checkpoint metric), "class_dice",
+    "mean_hd95", "class_hd95" (mm)}, per class the mean over the validation cases.
     """
     net = unwrap_model(model)  # no DDP forward: ranks see different numbers of cases
     net.eval()
-    inf = cfg["inference"]
     n_classes = cfg["model"]["out_channels"]
-    sums = torch.zeros(n_classes - 1, dtype=torch.float64, device=ctx.device)
-    counts = torch.zeros_like(sums)
+    sums = torch.zeros(2, n_classes - 1, dtype=torch.float64)  # rows: Dice, HD95
+    cases = torch.zeros((), dtype=torch.float64)
     for index, batch in enumerate(loader):
         if index % ctx.world_size != ctx.rank:
             continue
-        image = batch["image"].to(ctx.device)
-        label = batch["label"].to(ctx.device)
-        with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=use_amp):
-            logits = sliding_window_inference(image, cfg["model"]["roi_size"], inf["sw_batch_size"],
-                                              lambda x: _main_output(net(x)), overlap=inf["val_overlap"],
-                                              mode=inf["blend_mode"])
-        pred = one_hot(logits.argmax(dim=1, keepdim=True), n_classes)
-        dice = compute_dice(pred, one_hot(label.long(), n_classes), include_background=False,
-                            ignore_empty=True).double().sum(dim=0)
-        sums += torch.nan_to_num(dice, nan=0.0)
-        counts += (~torch.isnan(dice)).double()
-    sums, counts = distributed.all_reduce_sum(sums), distributed.all_reduce_sum(counts)
-    class_dice = (sums / counts).cpu()  # 0/0 -> nan: a class absent from every case
-    present = ~torch.isnan(class_dice)
-    mean = class_dice[present].mean().item() if present.any() else float("nan")
-    return {"mean_dice": mean, "class_dice": class_dice.tolist()}
+        probs = infer_volume(lambda x: _main_output(net(x)), batch["image"].to(ctx.device), cfg,
+                             overlap=cfg["inference"]["val_overlap"], mirror=False)
+        pred = probs.argmax(dim=1)[0].cpu().numpy()
+        gt = np.asarray(batch["label"][0, 0].detach().cpu())
+        scores = metrics.per_class_metrics(pred, gt, n_classes, cfg["data"]["spacing"])
+        sums += torch.tensor([[scores[c][key] for c in range(1, n_classes)] for key in ("dice", "hd95")],
+                             dtype=torch.float64)
+        cases += 1
+    sums = distributed.all_reduce_sum(sums.to(ctx.device)).cpu()
+    cases = distributed.all_reduce_sum(cases.to(ctx.device)).cpu()
+    class_dice, class_hd95 = sums / cases  # nan only without any validation case
+    return {"mean_dice": class_dice.mean().item(), "class_dice": class_dice.tolist(),
+            "mean_hd95": class_hd95.mean().item(), "class_hd95": class_hd95.tolist()}
 
 
 def _record_validation(state, result, names):

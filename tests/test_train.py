@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import metrics
 import train
 from checkpoint import RESUME_KEYS, load_checkpoint
 from config import ConfigError, resolve_config
@@ -236,23 +237,27 @@ class IntensityToClass(nn.Module):
         return -(x - classes) ** 2
 
 
-def test_validate_dice_against_hand_count():
+def test_validate_scores_like_test_with_the_empty_mask_rule():
     label = torch.zeros(1, 1, 20, 20, 12)
     label[0, 0, 2:4, 2:4, 2:4] = 1  # 8 voxels, of which the "image" marks 6 (2 predicted as background)
-    label[0, 0, 10:14, 10:13, 5:7] = 2  # 24 voxels, predicted exactly; class 3 absent
+    label[0, 0, 10:14, 10:13, 5:7] = 2  # 24 voxels, predicted exactly; class 3 absent from both
     image = label.clone()
     image[0, 0, 2, 2, 2:4] = 0
     image[0, 0, 15, 15, 9] = 1  # one false positive of class 1
     loader = [{"image": image, "label": label}]
-    cfg = {"model": {"out_channels": 4, "roi_size": [8, 8, 8]},
+    spacing = [1.5, 1.0, 2.0]
+    cfg = {"model": {"out_channels": 4, "roi_size": [8, 8, 8]}, "data": {"spacing": spacing},
            "inference": {"sw_batch_size": 4, "val_overlap": 0.5, "blend_mode": "constant"}}
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    result = train.validate(IntensityToClass(), loader, cfg, ctx, use_amp=False)
+    result = train.validate(IntensityToClass(), loader, cfg, ctx)
     dice1 = 2 * 6 / (7 + 8)
-    assert result["class_dice"][0] == pytest.approx(dice1)
-    assert result["class_dice"][1] == pytest.approx(1.0)
-    assert math.isnan(result["class_dice"][2])
-    assert result["mean_dice"] == pytest.approx((dice1 + 1.0) / 2)
+    assert result["class_dice"] == pytest.approx([dice1, 1.0, 1.0])  # both empty: Dice 1, as in test
+    assert result["mean_dice"] == pytest.approx((dice1 + 2.0) / 3)
+    gt, pred = label[0, 0].numpy(), image[0, 0].numpy()
+    # HD95 in mm at data.spacing, the preprocessed space: the false positive lies far from the class-1 block
+    hd1 = metrics.hd95(pred == 1, gt == 1, spacing)
+    assert hd1 > 5.0 and result["class_hd95"] == pytest.approx([hd1, 0.0, 0.0])
+    assert result["mean_hd95"] == pytest.approx(hd1 / 3)
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -8,24 +8,25 @@ from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UnetrBasicBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
-from .layers import ChannelLayerNorm, ConvMLP, CSRMambaLayer, EFLLayer
+from .layers import EFL_LAYOUTS, ChannelLayerNorm, ConvMLP, CSRMambaLayer, EFLLayer
 from .registry import register_model
 
 WINDOW_MULTIPLE = 32  # stem /4 then three /2 downsamplings
 
 
-def _stage_layers(dim, spatial_shape, depth, num_fft):
+def _stage_layers(dim, spatial_shape, depth, num_fft, efl_layout="reference"):
     """`depth` layers, the first `num_fft` of them EFL layers, the rest CSR-Mamba layers."""
     num_tokens = spatial_shape[0] * spatial_shape[1] * spatial_shape[2]
     return nn.Sequential(
-        *[EFLLayer(dim, spatial_shape) if j < num_fft else CSRMambaLayer(dim, num_tokens) for j in range(depth)]
+        *[EFLLayer(dim, spatial_shape, efl_layout) if j < num_fft else CSRMambaLayer(dim, num_tokens)
+          for j in range(depth)]
     )
 
 
 class EMNetEncoder(nn.Module):
     """Four stages at 1/4, 1/8, 1/16 and 1/32 of the window; returns one skip feature per stage."""
 
-    def __init__(self, in_channels, feature_size, depths, fft_nums, roi_size):
+    def __init__(self, in_channels, feature_size, depths, fft_nums, roi_size, efl_layout="reference"):
         super().__init__()
         self.downsample = nn.ModuleList(
             [nn.Sequential(nn.Conv3d(in_channels, feature_size[0], 4, stride=4), ChannelLayerNorm(feature_size[0]))]
@@ -37,7 +38,7 @@ class EMNetEncoder(nn.Module):
                 )
             )
         self.stages = nn.ModuleList(
-            _stage_layers(feature_size[i], [s // 2 ** (i + 2) for s in roi_size], depths[i], fft_nums[i])
+            _stage_layers(feature_size[i], [s // 2 ** (i + 2) for s in roi_size], depths[i], fft_nums[i], efl_layout)
             for i in range(4)
         )
         self.skip_norms = nn.ModuleList(ChannelLayerNorm(f) for f in feature_size)
@@ -72,6 +73,10 @@ class EMNet(nn.Module):
 
     With `deep_supervision`, training mode returns [main, head(dec1 at 1/4), head(dec2 at 1/8)];
     eval mode always returns the main output alone.
+
+    `efl_layout` chooses what the EFL layers compute (models.layers.EFLLayer): "reference", the reference
+    code's sequence, which its checkpoints need, or "spatial", the clean spatial filter of the paper's
+    figure. Both have the same parameters.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class EMNet(nn.Module):
         hidden_size=384,
         roi_size=(128, 128, 128),
         deep_supervision=False,
+        efl_layout="reference",
     ):
         super().__init__()
         feature_size, depths, fft_nums = list(feature_size), list(depths), list(fft_nums)
@@ -95,6 +101,8 @@ class EMNet(nn.Module):
             raise ValueError(f"EM-Net roi_size must be 3 positive sizes divisible by {WINDOW_MULTIPLE}, got {roi_size}")
         if any(not 0 <= n <= d for n, d in zip(fft_nums, depths)):
             raise ValueError(f"EM-Net fft_nums {fft_nums} must lie between 0 and depths {depths} per stage")
+        if efl_layout not in EFL_LAYOUTS:
+            raise ValueError(f"EM-Net efl_layout must be one of {', '.join(EFL_LAYOUTS)}, got {efl_layout!r}")
         if hidden_size != feature_size[3]:
             raise ValueError(f"EM-Net hidden_size ({hidden_size}) must equal the last feature_size ({feature_size[3]})")
         self.roi_size = tuple(roi_size)
@@ -105,7 +113,7 @@ class EMNet(nn.Module):
         def decoder_layers(dim, spatial_shape):
             return _stage_layers(dim, spatial_shape, depth=3, num_fft=0)
 
-        self.encoder = EMNetEncoder(in_channels, feature_size, depths, fft_nums, roi_size)
+        self.encoder = EMNetEncoder(in_channels, feature_size, depths, fft_nums, roi_size, efl_layout)
         self.encoder1 = UnetrBasicBlock(3, in_channels, f0, kernel_size=3, stride=1, norm_name="instance", res_block=True)
         self.decoder4 = UpBlock(f3, f2, 2, decoder_layers(f2, grid[4]))
         self.decoder3 = UpBlock(f2, f1, 2, decoder_layers(f1, grid[3]))
@@ -139,6 +147,8 @@ _REFERENCE_RENAMES = [
     (r"^mamba_encoder\.norm(\d)\.", r"encoder.skip_norms.\1."),
     (r"^mamba_encoder\.mlps\.", "encoder.skip_mlps."),
     (r"^(decoder\d)\.decoder_block\.0\.", r"\1.block."),
+    (r"^out2\.", "deep_supervision_heads.0."),  # deep-supervision head on dec1
+    (r"^out3\.", "deep_supervision_heads.1."),  # and on dec2
     (r"\.conv51\.", ".res_block."),
     (r"\.conv8\.1\.", ".res_proj."),
     (r"\.ffp_module\.complex_weight$", ".fourier.weight"),

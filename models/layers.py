@@ -77,25 +77,42 @@ class FourierFilter(nn.Module):
         self.weight = nn.Parameter(torch.randn(dim, h, w, d // 2 + 1, 2) * 0.02)
 
     def forward(self, x):
-        # FFTs run in at least float32: half-precision FFTs only take powers of two and lose accuracy.
+        # FFTs run in at least float32 (half-precision FFTs only take powers of two and lose accuracy), and
+        # the result stays in that precision for the LayerNorm after it, as in the reference under AMP.
         dtype = torch.promote_types(x.dtype, torch.float32)
         spectrum = torch.fft.rfftn(x.to(dtype), dim=(2, 3, 4), norm="ortho")
         spectrum = spectrum * torch.view_as_complex(self.weight.to(dtype))
-        out = torch.fft.irfftn(spectrum, s=self.spatial_shape, dim=(2, 3, 4), norm="ortho")
-        return out.to(x.dtype)
+        return torch.fft.irfftn(spectrum, s=self.spatial_shape, dim=(2, 3, 4), norm="ortho")
+
+
+EFL_LAYOUTS = ("reference", "spatial")
 
 
 class EFLLayer(nn.Module):
-    """Efficient frequency learning: LayerNorm, Fourier filter, LayerNorm, residual 1x1 MLP."""
+    """Efficient frequency learning: LayerNorm, Fourier filter, LayerNorm, residual 1x1 MLP.
 
-    def __init__(self, dim, spatial_shape):
+    layout "spatial" is the clean filter the paper's figure draws: the normalised tokens go back to the
+    grid, so the layer commutes with circular shifts of the grid. layout "reference" is what the reference
+    code computes, and what its checkpoints (and the paper's numbers) need: the normalised tokens, laid
+    out (B, N, C), are reinterpreted as (B, C, h, w, d), which interleaves channels and positions before
+    the FFT, and the output (residual included) is transposed on its last two axes and reinterpreted as
+    (B, C, h, w, d), which on a cubic grid swaps w and d.
+    """
+
+    def __init__(self, dim, spatial_shape, layout="reference"):
         super().__init__()
+        if layout not in EFL_LAYOUTS:
+            raise ValueError(f"EFL layout {layout!r} is not one of {', '.join(EFL_LAYOUTS)}")
+        self.layout = layout
         self.norm1 = nn.LayerNorm(dim)
         self.fourier = FourierFilter(dim, spatial_shape)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = ConvMLP(dim, dim // 2)
 
     def forward(self, x):
-        spatial = x.shape[2:]
-        filtered = self.fourier(to_grid(self.norm1(to_tokens(x)), spatial))
-        return x + self.mlp(to_grid(self.norm2(to_tokens(filtered)), spatial))
+        shape = x.shape
+        spatial = shape[2:]
+        normed = self.norm1(to_tokens(x))
+        grid = normed.reshape(shape) if self.layout == "reference" else to_grid(normed, spatial)
+        out = x + self.mlp(to_grid(self.norm2(to_tokens(self.fourier(grid))), spatial))
+        return out.transpose(-1, -2).reshape(shape) if self.layout == "reference" else out

@@ -125,13 +125,103 @@ def test_fourier_filter_matches_numpy_float64():
     np.testing.assert_allclose(f(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_efl_layer_on_non_cubic_grid_is_residual_mlp_of_filtered_norm():
+def efl_reference_oracle(layer, x):
+    """The reference EFL written from EM-Net.md's operations, in plain tensor ops on the layer's weights."""
+    B, C, h, w, d = x.shape
+    N = h * w * d
+    n1 = F.layer_norm(x.reshape(B, C, N).transpose(1, 2), (C,), layer.norm1.weight, layer.norm1.bias, 1e-5)
+    g = n1.reshape(B, C, h, w, d)  # token-major memory read as channel-major: no transpose back
+    W = torch.complex(layer.fourier.weight[..., 0], layer.fourier.weight[..., 1])
+    f = torch.fft.irfftn(torch.fft.rfftn(g, dim=(2, 3, 4), norm="ortho") * W, s=(h, w, d), dim=(2, 3, 4),
+                         norm="ortho")
+    n2 = F.layer_norm(f.reshape(B, C, N).transpose(1, 2), (C,), layer.norm2.weight, layer.norm2.bias, 1e-5)
+    grid = n2.transpose(1, 2).reshape(B, C, h, w, d)
+    m = F.conv3d(F.gelu(F.conv3d(grid, layer.mlp.fc1.weight, layer.mlp.fc1.bias)), layer.mlp.fc2.weight,
+                 layer.mlp.fc2.bias)
+    o = x + m
+    return o.transpose(-1, -2).reshape(B, C, h, w, d)
+
+
+@pytest.mark.parametrize("grid", [(6, 6, 6), (4, 6, 8)])
+def test_reference_efl_layout_equals_the_spec_sequence_in_float64(grid):
     torch.manual_seed(3)
-    layer = EFLLayer(4, (3, 5, 2)).double()
+    layer = EFLLayer(4, grid, layout="reference").double()
+    for norm in (layer.norm1, layer.norm2):  # non-trivial affine LayerNorms
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 4, *grid, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), efl_reference_oracle(layer, x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("grid", [(6, 6, 6), (4, 6, 8)])
+def test_spatial_efl_layout_commutes_with_circular_shifts_and_reference_does_not(grid):
+    torch.manual_seed(5)
+    x = torch.randn(1, 4, *grid, dtype=torch.float64)
+    shift = dict(shifts=(1, 2, 3), dims=(2, 3, 4))
+    spatial = EFLLayer(4, grid, layout="spatial").double()
+    reference = EFLLayer(4, grid, layout="reference").double()
+    reference.load_state_dict(spatial.state_dict())  # the same parameters, another function
+    with torch.no_grad():
+        torch.testing.assert_close(spatial(torch.roll(x, **shift)), torch.roll(spatial(x), **shift),
+                                   rtol=0, atol=1e-10)
+        gap = (reference(torch.roll(x, **shift)) - torch.roll(reference(x), **shift)).abs().max()
+    assert gap > 1e-2
+
+
+def test_spatial_efl_layout_is_residual_mlp_of_filtered_norm():
+    torch.manual_seed(3)
+    layer = EFLLayer(4, (3, 5, 2), layout="spatial").double()
     x = torch.randn(1, 4, 3, 5, 2, dtype=torch.float64)
     ln = lambda t, norm: F.layer_norm(t.movedim(1, -1), (4,), norm.weight, norm.bias, norm.eps).movedim(-1, 1)
     filtered = layer.fourier(ln(x, layer.norm1))
     torch.testing.assert_close(layer(x), x + layer.mlp(ln(filtered, layer.norm2)))
+
+
+def test_efl_layout_is_a_model_argument_with_equal_parameter_counts():
+    ref = build_model("em-net", **TINY)
+    spatial = build_model("em-net", **TINY, efl_layout="spatial")
+    assert num_params(ref) == num_params(spatial)
+    assert [m.layout for m in ref.modules() if isinstance(m, EFLLayer)] == ["reference"] * 4
+    assert [m.layout for m in spatial.modules() if isinstance(m, EFLLayer)] == ["spatial"] * 4
+    with pytest.raises(ValueError, match="efl_layout must be one of reference, spatial, got 'clean'"):
+        build_model("em-net", **TINY, efl_layout="clean")
+
+
+def test_reference_checkpoint_with_deep_supervision_loads_strictly_for_training_and_evaluation(tmp_path):
+    import test as evaluation
+
+    torch.manual_seed(6)
+    source = build_model("em-net", **TINY, deep_supervision=True)
+    ours_to_ref = {convert_reference_key(k): k for k in reference_keys()}
+    ours_to_ref["deep_supervision_heads.0.conv.conv.weight"] = "out2.conv.conv.weight"
+    ours_to_ref["deep_supervision_heads.0.conv.conv.bias"] = "out2.conv.conv.bias"
+    ours_to_ref["deep_supervision_heads.1.conv.conv.weight"] = "out3.conv.conv.weight"
+    ours_to_ref["deep_supervision_heads.1.conv.conv.bias"] = "out3.conv.conv.bias"
+    ref_state = {ours_to_ref[k]: v.clone() for k, v in source.state_dict().items()}
+    assert {k for k in ref_state if k.startswith(("out2.", "out3."))} == {
+        "out2.conv.conv.weight", "out2.conv.conv.bias", "out3.conv.conv.weight", "out3.conv.conv.bias"}
+
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        expected_eval = source.eval()(x)  # before the training-mode forwards update batch-norm statistics
+    target = build_model("em-net", **TINY, deep_supervision=True)
+    target.load_state_dict(convert_reference_state_dict({"state_dict": ref_state}), strict=True)
+    target.train(), source.train()
+    torch.manual_seed(7)
+    expected = source(x)
+    torch.manual_seed(7)
+    for ours, theirs in zip(target(x), expected):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+    # Evaluation builds the model without heads and drops them from the converted checkpoint.
+    path = tmp_path / "reference.pt"
+    torch.save({"state_dict": ref_state, "epoch": 3, "best_acc": 0.5}, path)
+    cfg = {"model": {"name": "em-net", **TINY, "deep_supervision": True}, "trainer": {"scan_backend": "auto"}}
+    loaded = evaluation.load_model(cfg, path, torch.device("cpu"))
+    assert not hasattr(loaded, "deep_supervision_heads")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected_eval, rtol=0, atol=0)
 
 
 def test_tiny_forward_backward_reaches_every_parameter():
@@ -209,3 +299,16 @@ def test_flop_count_adds_both_scan_directions_to_the_dense_count():
     dense += 2 * (2 * batch * 16 * (length + 3) * 4)  # 2x depthwise conv, kernel 4, padded both sides then cut
     assert counted["scan_flops"] == 2 * per_scan
     assert counted["flops"] == dense + 2 * per_scan
+
+
+def test_efl_layout_is_a_config_key_saved_with_the_run(tmp_path):
+    import config
+
+    default = config.resolve_config(data_config="synthetic", model_config="em_net", trainer_config="synthetic")
+    assert default["model"]["efl_layout"] == "reference"
+    cfg = config.resolve_config(data_config="synthetic", model_config="em_net_tiny", trainer_config="synthetic",
+                                overrides=["model.efl_layout=spatial"])
+    saved = config.load_config(config.save_config(cfg, tmp_path / "config.yaml"))
+    assert saved["model"]["efl_layout"] == "spatial"
+    model = build_model(saved["model"]["name"], **config.model_kwargs(saved))
+    assert {m.layout for m in model.modules() if isinstance(m, EFLLayer)} == {"spatial"}

@@ -23,6 +23,8 @@ _NUMPY_SCALARS = [_NP_CORE.multiarray.scalar, np.dtype, np.dtypes.Float64DType, 
 class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, unreadable or does not fit the model."""
 
+    exit_code = 2  # a user error: one line at the CLI
+
 
 def save_checkpoint(path, state):
     """Write `state` to `path` atomically: a temporary file in the same folder, then os.replace.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from fileio import atomic_path
+from fileio import OutputError, atomic_path, location_error
 
 ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = ROOT / "configs"
@@ -113,12 +113,29 @@ def save_config(cfg, path):
     return Path(path)
 
 
-def run_dir(cfg, logdir=None):
+# What a training run writes into its folder (removed by --overwrite, and after a failed start).
+RUN_FILES = ("checkpoint_latest.pt", "checkpoint_best.pt", "config.yaml", "train.log", "progress.png",
+             "events.out.tfevents.*")
+
+
+def run_dir(cfg, logdir=None, overwrite=False):
     """Create and return the run folder: `logdir` if given, else runs/<model>_<data>/<YYYYmmdd-HHMMSS>
-    (with a -1, -2 ... suffix when two runs start in the same second)."""
+    (with a -1, -2 ... suffix when two runs start in the same second). A `logdir` that holds a checkpoint
+    is refused (ConfigError) unless `overwrite`, which removes that run's files first."""
     if logdir is not None:
         path = Path(logdir)
-        path.mkdir(parents=True, exist_ok=True)
+        held = sorted(p.name for p in path.glob("checkpoint_*.pt")) if path.is_dir() else []
+        if held and not overwrite:
+            raise ConfigError(f"--logdir {path} already holds a run ({', '.join(held)}); continue it with "
+                              f"--resume {path}, or pass --overwrite to replace it")
+        if overwrite:
+            for pattern in RUN_FILES:
+                for old in path.glob(pattern):
+                    old.unlink()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"--logdir {path} cannot be created: {location_error(err) or err.strerror}") from None
         return path
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parent = Path("runs") / f"{cfg['model']['name']}_{cfg['data']['name']}"

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
+
+class DeviceError(ConfigError, ValueError):
+    """trainer.device names a device this machine does not have."""
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -39,22 +45,22 @@ def resolve_device(name, local_rank=0, world_size=1):
     if name == "cpu":
         return torch.device("cpu")
     if not name.startswith("cuda"):
-        raise ValueError(f"trainer.device: {name!r} is not one of auto, cpu, cuda, cuda:N")
+        raise DeviceError(f"trainer.device: {name!r} is not one of auto, cpu, cuda, cuda:N")
     if not torch.cuda.is_available():
-        raise ValueError(f"trainer.device: {name!r} was asked for but CUDA is not available here")
+        raise DeviceError(f"trainer.device: {name!r} was asked for but CUDA is not available here")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"trainer.device: {name!r} is not a valid device") from None
+        raise DeviceError(f"trainer.device: {name!r} is not a valid device") from None
     if world_size > 1:
         if device.index is not None:
-            raise ValueError(f"trainer.device: {name!r} names one GPU, but {world_size} processes run; "
+            raise DeviceError(f"trainer.device: {name!r} names one GPU, but {world_size} processes run; "
                              "use cuda or auto (each process takes the GPU of its LOCAL_RANK)")
         device = torch.device("cuda", local_rank)
     elif device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device.index >= torch.cuda.device_count():
-        raise ValueError(f"trainer.device: {device} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+        raise DeviceError(f"trainer.device: {device} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
     return device
 
 
@@ -95,6 +101,32 @@ def all_reduce_sum(tensor):
     out = tensor.detach().clone()
     if dist.is_initialized():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(tensor):
+    """Maximum of `tensor` over all processes, e.g. whether any rank asked to stop."""
+    out = tensor.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every process (any picklable value)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -18,6 +18,7 @@ import models
 import reports
 from checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from config import ConfigError, model_kwargs
+from data.preflight import check_images
 from distributed import resolve_device
 from inference import infer_volume
 from models.em_net import convert_reference_state_dict
@@ -157,6 +158,50 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
     return summary
 
 
+RUN_CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_latest.pt")
+
+
+def evaluate_run(cfg, run_dir, out_dir=None):
+    """Evaluate both checkpoints of a run folder, best and latest, each into <out_dir>/<checkpoint name>/
+    (default <run_dir>/eval), and print their scores side by side (also written to <out_dir>/best_vs_latest.txt):
+    papers differ on which of the two they report. Returns {checkpoint name: summary}."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
+    found = [run_dir / name for name in RUN_CHECKPOINTS if (run_dir / name).is_file()]
+    if not found:
+        raise ConfigError(f"{run_dir}: no {' or '.join(RUN_CHECKPOINTS)} there (not a run folder?)")
+    summaries = {path.stem: evaluate(cfg, path, out_dir / path.stem) for path in found}
+    epochs = {path.stem: load_checkpoint(path).get("epoch") for path in found}
+    table = format_side_by_side(summaries, epochs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "best_vs_latest.txt").write_text(table + "\n")
+    print()
+    print(table)
+    return summaries
+
+
+def format_side_by_side(summaries, epochs):
+    """One line per class with Dice % and HD95 mm of each checkpoint next to each other, then the means."""
+    names = list(summaries)
+    heads = [f"{n.removeprefix('checkpoint_')} (epoch {epochs[n]})" for n in names]
+    classes = list(summaries[names[0]]["per_class"])
+    width = max(len("class"), len("mean"), *(len(c) for c in classes))
+    col = max(len("Dice %"), *(len(h) for h in heads))
+    lines = [f"{'':<{width}}  " + "  ".join(f"{'Dice %':>{col}}" for _ in names) + "  "
+             + "  ".join(f"{'HD95 mm':>{col}}" for _ in names),
+             f"{'class':<{width}}  " + "  ".join(f"{h:>{col}}" for h in heads * 2)]
+    lines.append("-" * len(lines[1]))
+    rows = [(c, [summaries[n]["per_class"][c]["dice_mean"] for n in names],
+             [summaries[n]["per_class"][c]["hd95_mean"] for n in names]) for c in classes]
+    rows.append(("mean", [summaries[n]["mean_dice"] for n in names], [summaries[n]["mean_hd95"] for n in names]))
+    for i, (name, dices, hds) in enumerate(rows):
+        if i == len(rows) - 1:
+            lines.append("-" * len(lines[1]))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * d:>{col}.2f}" for d in dices) + "  "
+                     + "  ".join(f"{h:>{col}.2f}" for h in hds))
+    return "\n".join(lines)
+
+
 # ---- prediction -------------------------------------------------------------------------------------------
 
 def _nifti_inputs(inputs):
@@ -186,6 +231,7 @@ def predict(cfg, checkpoint, inputs, out_dir):
     """Segment unlabelled NIfTI images (a file, a folder or a list); writes <out_dir>/<case>.nii.gz in each
     input's geometry (shape and affine) and returns the written paths."""
     paths = _nifti_inputs(inputs)
+    check_images(cfg, paths)  # readable, 3D, finite: a NaN voxel would give an all-background mask
     device = resolve_inference_device(cfg)
     model = load_model(cfg, checkpoint, device)
     loader = data.make_predict_loader(cfg, paths)

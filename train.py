@@ -8,6 +8,8 @@ Under torchrun every process runs this loop on its shard of the data; rank 0 alo
 """
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +28,11 @@ import distributed
 import metrics
 from checkpoint import (RESUME_KEYS, capture_rng, load_checkpoint, load_model_weights, restore_rng,
                         save_checkpoint, unwrap_model)
-from config import ConfigError, model_kwargs, save_config
-from data import class_names, make_eval_loader, make_train_loader
+from config import RUN_FILES, ConfigError, model_kwargs, save_config
+from data import DataConfigError, class_names, make_eval_loader, make_train_loader
+from data.loaders import TrainSampler
+from data.preflight import check_datalist
+from fileio import check_writable
 from inference import infer_volume
 from models import build_model
 from models.selective_scan import set_scan_backend
@@ -41,89 +46,176 @@ BEST = "checkpoint_best.pt"
 
 @dataclass
 class TrainState:
-    """Counters of a run; `epoch` counts completed epochs, `iteration` completed optimizer steps."""
+    """Counters of a run; `epoch` counts completed epochs, `iteration` completed optimizer steps (skipped
+    ones included: each consumed its batch and its learning rate step)."""
     epoch: int = 0
     iteration: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
     history: dict = field(default_factory=lambda: {"epoch": [], "loss": [], "lr": [], "val_epoch": [],
                                                    "val_dice": [], "val_class_dice": {}})
+    epoch_loss_sum: float = 0.0  # over the finite steps of the current epoch so far
+    epoch_loss_steps: int = 0
+    skipped: dict = field(default_factory=lambda: {"nonfinite": 0, "amp_overflow": 0, "nonfinite_in_a_row": 0})
+    last_saved: tuple | None = None  # (epoch, iteration) of the newest checkpoint_latest.pt
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after checkpoint_latest.pt was saved; exit status 128 + signal."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many non-finite steps in a row, or weights that are no longer finite; nothing was saved."""
+
+    exit_code = 1
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the current step, save and exit; the same signal a
+    second time stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received == signum:
+            raise KeyboardInterrupt
+        self.received = max(self.received, signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
 
 
 def run(cfg, run_dir, resume=None):
     """Train; returns {"best_checkpoint", "latest_checkpoint", "best_metric", "best_epoch", "epochs",
     "iterations", "run_dir"}. `resume` is a run folder whose checkpoint_latest.pt is continued up to
-    trainer.max_epochs."""
+    trainer.max_epochs. A new run that fails before its first checkpoint leaves no run folder behind."""
     run_dir = Path(run_dir)
-    ctx = distributed.init(cfg["trainer"]["device"])
-    handlers = _setup_logging(run_dir, ctx.is_main)
     try:
-        return _train(cfg, run_dir, resume, ctx)
+        ctx = distributed.init(cfg["trainer"]["device"])
+    except BaseException:
+        if resume is None and distributed.rank() == 0:
+            _discard_unstarted_run(run_dir)
+        raise
+    handlers = _setup_logging(run_dir, ctx.is_main)
+    finished = False
+    try:
+        with _StopSignals() as stop:
+            result = _train(cfg, run_dir, resume, ctx, stop)
+        finished = True
+        return result
     finally:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
         distributed.cleanup()
+        if not finished and resume is None and ctx.is_main:
+            _discard_unstarted_run(run_dir)
 
 
-def _train(cfg, run_dir, resume, ctx):
+def _train(cfg, run_dir, resume, ctx, stop):
     t = cfg["trainer"]
     _check_trainer_config(cfg)
-    set_scan_backend(t["scan_backend"])
-    set_determinism(seed=t["seed"] + ctx.rank)  # torch, numpy, random; ranks differ in augmentation; DDP copies rank 0's initial weights
+    try:
+        set_scan_backend(t["scan_backend"])
+    except ValueError as err:
+        raise ConfigError(f"trainer.scan_backend: {err}") from None
+    set_determinism(seed=t["seed"] + ctx.rank)  # torch, numpy, random; DDP copies rank 0's initial weights
+    names = class_names(cfg)  # checks that the data set has model.out_channels classes
+    if ctx.is_main:
+        check_writable(run_dir, what="run folder")
+    _preflight(cfg, ctx)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    names = class_names(cfg)  # checks that the data set has model.out_channels classes
 
-    model = build_model(cfg["model"]["name"], **model_kwargs(cfg)).to(ctx.device)
+    model = _build_model(cfg, ctx)
+    if ctx.is_main:  # the latest and best checkpoints plus one being written
+        check_writable(run_dir, need_bytes=3 * _checkpoint_bytes(model), what="run folder")
     optimizer = make_optimizer(model, t)
     scheduler = make_scheduler(optimizer, t)
     use_amp = bool(t["amp"]) and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    train_loader = make_train_loader(cfg, ctx.rank, ctx.world_size)
+    val_loader = make_eval_loader(cfg, "validation")
     state = TrainState()
-    if resume is not None:
+    if resume is not None:  # last: it restores the random streams the steps below continue
         state = _resume(Path(resume), cfg, model, optimizer, scheduler, scaler, ctx)
     if ctx.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     log.info("model %s: %.2f M parameters on %s (world size %d, AMP %s)", cfg["model"]["name"],
              sum(p.numel() for p in model.parameters()) / 1e6, ctx.device, ctx.world_size, use_amp)
 
-    train_loader = make_train_loader(cfg, ctx.rank, ctx.world_size)
-    val_loader = make_eval_loader(cfg, "validation")
     # No numerator smoothing, as in the reference: a class absent from a crop then adds a constant to
     # the Dice loss instead of pushing its prediction to zero everywhere (which stalls small organs).
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
     loss_fn = DeepSupervisionLoss(dice_ce, t["deep_supervision_weights"])
     writer = SummaryWriter(log_dir=str(run_dir)) if ctx.is_main else None
-    batches = _cycle(train_loader, first_pass=state.iteration // max(len(train_loader), 1))
+    batches = _batches(train_loader, state.iteration)
     total = t["max_epochs"] * t["iters_per_epoch"]
     bar = tqdm(total=total, initial=state.iteration, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
+    # The random streams at the last step boundary, of every rank: what a checkpoint taken between steps holds.
+    boundary_rng = [capture_rng()]
+    lr = optimizer.param_groups[0]["lr"]
 
     def snapshot():
-        return {"state_dict": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+        weights = unwrap_model(model).state_dict()
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteTraining(f"weights are not finite at iteration {state.iteration} ({bad[0]}, ...); "
+                                    f"not saved. {_last_good(run_dir, state)}")
+        return {"state_dict": weights, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state.epoch,
                 "iteration": state.iteration, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-                "rng": capture_rng(), "config": cfg, "history": state.history}
+                "rng": boundary_rng[0], "rng_by_rank": boundary_rng, "config": cfg, "history": state.history,
+                "epoch_loss_sum": state.epoch_loss_sum, "epoch_loss_steps": state.epoch_loss_steps,
+                "skipped": dict(state.skipped)}
+
+    def save_latest():
+        save_checkpoint(run_dir / LATEST, snapshot())
+        state.last_saved = (state.epoch, state.iteration)
 
     try:
         with logging_redirect_tqdm(loggers=[log]):
             while state.epoch < t["max_epochs"]:
-                started = time.time()
+                started, stepped = time.time(), 0
                 model.train()
-                loss_sum = torch.zeros((), device=ctx.device)
-                steps = (state.epoch + 1) * t["iters_per_epoch"] - state.iteration  # fewer after a mid-epoch crash
+                steps = (state.epoch + 1) * t["iters_per_epoch"] - state.iteration  # fewer after a mid-epoch stop
                 for _ in range(steps):
                     batch = next(batches)
                     lr = optimizer.param_groups[0]["lr"]  # the epoch logs the lr of its last step
-                    loss = train_step(model, batch, loss_fn, optimizer, scaler, t, ctx.device, use_amp)
+                    loss, outcome = train_step(model, batch, loss_fn, optimizer, scaler, t, ctx.device, use_amp)
                     scheduler.step()
                     state.iteration += 1
-                    loss_sum += loss
+                    stepped += 1
+                    _count_step(state, loss.item(), outcome, t, ctx, run_dir)
+                    boundary_rng = [capture_rng()]
                     bar.update(1)
                     bar.set_postfix(epoch=state.epoch + 1, loss=f"{loss.item():.4f}")
-                speed = steps / (time.time() - started)
+                    signum = _stop_requested(stop, ctx)
+                    if signum:
+                        boundary_rng = distributed.all_gather_object(boundary_rng[0])
+                        if ctx.is_main:
+                            save_latest()
+                        raise TrainingInterrupted(_stopped_message(signum, state, run_dir), signum)
+                speed = stepped / max(time.time() - started, 1e-9)
                 state.epoch += 1
-                epoch_loss = distributed.all_reduce_mean(loss_sum / steps).item()
+                sums = distributed.all_reduce_sum(torch.tensor([state.epoch_loss_sum, state.epoch_loss_steps],
+                                                                dtype=torch.float64, device=ctx.device))
+                epoch_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+                state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
                 state.history["epoch"].append(state.epoch)
                 state.history["loss"].append(epoch_loss)
                 state.history["lr"].append(lr)
@@ -133,20 +225,31 @@ def _train(cfg, run_dir, resume, ctx):
                     _record_validation(state, result, names)
                     if ctx.is_main and result["improved"]:
                         save_checkpoint(run_dir / BEST, snapshot())
+                # After validation, whose loader iterator draws from the torch stream too.
+                boundary_rng = distributed.all_gather_object(capture_rng())
                 if ctx.is_main:
-                    save_checkpoint(run_dir / LATEST, snapshot())
+                    save_latest()
                     log_epoch(writer, run_dir, state, epoch_loss, lr, result, names, speed, ctx.device)
                 distributed.barrier()
-    except BaseException:
-        # Ctrl-C or a crash: keep what was trained (the file is replaced atomically, never half-written).
+                signum = _stop_requested(stop, ctx)  # a signal during validation: the epoch is saved already
+                if signum:
+                    raise TrainingInterrupted(_stopped_message(signum, state, run_dir), signum)
+    except (TrainingInterrupted, NonFiniteTraining) as err:
+        if ctx.is_main:
+            log.error("%s", err)
+        raise
+    except BaseException as err:
+        # A crash or a second Ctrl-C: keep what was trained, as of the last step boundary (the file is
+        # replaced atomically, never half-written).
         if ctx.is_main:
             try:
-                save_checkpoint(run_dir / LATEST, snapshot())
-                log.error("training stopped at epoch %d, iteration %d; saved %s (resume with --resume %s)",
-                          state.epoch, state.iteration, run_dir / LATEST, run_dir)
-            except Exception as err:  # report the original error, not this one
-                log.error("training stopped at epoch %d, iteration %d; saving %s failed too: %s",
-                          state.epoch, state.iteration, run_dir / LATEST, err)
+                save_latest()
+                log.error("training stopped at epoch %d, iteration %d by %s; saved %s (resume with: "
+                          "python main.py train --resume %s)", state.epoch, state.iteration,
+                          type(err).__name__, run_dir / LATEST, run_dir)
+            except Exception as save_err:  # report the original error, not this one
+                log.error("training stopped at epoch %d, iteration %d by %s; %s was not saved: %s",
+                          state.epoch, state.iteration, type(err).__name__, run_dir / LATEST, save_err)
         raise
     finally:
         bar.close()
@@ -154,11 +257,56 @@ def _train(cfg, run_dir, resume, ctx):
             writer.close()
 
     best = run_dir / BEST
-    log.info("done: %d epochs, %d iterations; best mean Dice %s at epoch %s", state.epoch, state.iteration,
+    skipped = state.skipped
+    log.info("done: %d epochs, %d iterations (%d non-finite and %d AMP-overflow steps skipped); best mean Dice %s "
+             "at epoch %s", state.epoch, state.iteration, skipped["nonfinite"], skipped["amp_overflow"],
              "n/a" if state.best_metric is None else f"{state.best_metric:.4f}", state.best_epoch)
     return {"best_checkpoint": str(best) if best.is_file() else None, "latest_checkpoint": str(run_dir / LATEST),
             "best_metric": state.best_metric, "best_epoch": state.best_epoch, "epochs": state.epoch,
             "iterations": state.iteration, "run_dir": str(run_dir)}
+
+
+def _stop_requested(stop, ctx):
+    """The signal number any rank received (0: none); every rank gets the same answer, so all stop together."""
+    if ctx.world_size == 1:
+        return stop.received
+    return int(distributed.all_reduce_max(torch.tensor(stop.received, device=ctx.device)).item())
+
+
+def _stopped_message(signum, state, run_dir):
+    return (f"stopped by {signal.Signals(signum).name} at epoch {state.epoch}, iteration {state.iteration}; "
+            f"saved {run_dir / LATEST}; resume with: python main.py train --resume {run_dir}")
+
+
+def _last_good(run_dir, state):
+    if state.last_saved is None:
+        return "No checkpoint was saved yet."
+    epoch, iteration = state.last_saved
+    return f"The last good checkpoint, {run_dir / LATEST} (epoch {epoch}, iteration {iteration}), is left as it was."
+
+
+def _count_step(state, loss, outcome, t, ctx, run_dir):
+    """Epoch loss over finite steps; skipped steps counted, and too many non-finite ones in a row stop the run."""
+    skipped = state.skipped
+    if outcome == STEP_OK:
+        state.epoch_loss_sum += loss
+        state.epoch_loss_steps += 1
+        skipped["nonfinite_in_a_row"] = 0
+        return
+    if outcome == STEP_AMP_OVERFLOW:
+        skipped["amp_overflow"] += 1
+        return
+    skipped["nonfinite"] += 1
+    skipped["nonfinite_in_a_row"] += 1
+    limit = t["max_nonfinite_steps"]
+    if skipped["nonfinite_in_a_row"] >= limit:
+        raise NonFiniteTraining(
+            f"training stopped at iteration {state.iteration}: {limit} non-finite steps in a row (loss {loss}; "
+            f"trainer.max_nonfinite_steps = {limit}). {_last_good(run_dir, state)} Lower trainer.lr, set "
+            "trainer.grad_clip, or check the data")
+    if ctx.is_main:
+        log.warning("iteration %d: non-finite loss or gradients (loss %s); step skipped (%d in a row, limit %d)",
+                    state.iteration, loss, skipped["nonfinite_in_a_row"], limit)
 
 
 # --- building blocks ----------------------------------------------------------------------------------
@@ -215,14 +363,22 @@ class DeepSupervisionLoss(torch.nn.Module):
         return total / sum(weights)
 
 
-def _cycle(loader, first_pass=0):
-    """Endless batches: iteration-counted epochs do not depend on the loader's length."""
-    n = first_pass
+def _batches(loader, iteration):
+    """Endless batches from optimizer step `iteration` on. With a TrainSampler the step count alone fixes
+    the data pass and the position in it; any other loader is taken to repeat one fixed order."""
+    sampler = loader.sampler
+    if isinstance(sampler, TrainSampler):
+        data_pass, done = divmod(iteration, math.ceil(len(sampler) / loader.batch_size))
+        sampler.start(data_pass, done * loader.batch_size)
+        while True:
+            yield from loader  # each new iterator is the next pass
+    skip = iteration % len(loader)
     while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(n)  # DistributedSampler: a new shuffle each pass
-        yield from loader
-        n += 1
+        for batch in loader:
+            if skip:
+                skip -= 1
+                continue
+            yield batch
 
 
 def _main_output(out):
@@ -231,11 +387,16 @@ def _main_output(out):
 
 # --- hooks --------------------------------------------------------------------------------------------
 
+STEP_OK, STEP_NONFINITE, STEP_AMP_OVERFLOW = "ok", "nonfinite", "amp_overflow"
+
 
 def train_step(model, batch, loss_fn, optimizer, scaler, t, device, use_amp):
-    """One optimizer step; returns the (detached) loss."""
+    """One optimizer step; returns (detached loss, outcome). The outcome is STEP_OK; STEP_NONFINITE when the
+    loss or the gradients are not finite on any rank (nothing changes: no update, BatchNorm statistics put
+    back); or STEP_AMP_OVERFLOW when AMP's scaler skipped a float16 overflow and lowered its scale."""
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
+    buffers = [b.detach().clone() for b in model.buffers()]  # a NaN forward would poison running statistics
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
         outputs = model(image)
@@ -245,15 +406,30 @@ def train_step(model, batch, loss_fn, optimizer, scaler, t, device, use_amp):
     else:
         outputs = outputs.float()
     loss = loss_fn(outputs, label)
-    if not use_amp and not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss.item()}; lower trainer.lr or check the data")
+    # Backward even for a bad loss: under DDP every rank must join the gradient all-reduce.
     scaler.scale(loss).backward()
-    if t["grad_clip"] is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
+    loss_finite = distributed.all_reduce_max((~torch.isfinite(loss.detach())).int()).item() == 0
+    scaler.unscale_(optimizer)  # a no-op without AMP
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grads_finite = bool(torch.isfinite(norm))
+    if loss_finite and grads_finite and t["grad_clip"] is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, t["grad_clip"], norm)
+    if loss_finite and (grads_finite or use_amp):
+        scale = scaler.get_scale() if use_amp else 1.0
+        scaler.step(optimizer)  # the scaler skips the update when it found inf/NaN gradients
+        scaler.update()
+        if grads_finite:
+            return loss.detach(), STEP_OK
+        if scale >= 1.0:  # below a scale of 1, float16 overflow no longer explains it
+            return loss.detach(), STEP_AMP_OVERFLOW
+    elif use_amp:
+        scaler.update()  # closes this step's unscale_; the scale is lowered, as for an overflow
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    return loss.detach(), STEP_NONFINITE
 
 
 @torch.no_grad()
@@ -329,7 +505,7 @@ def _check_trainer_config(cfg):
     t = cfg["trainer"]
     if t["optimizer"] not in ("adamw", "sgd"):
         raise ConfigError(f"trainer.optimizer = {t['optimizer']!r}; choose adamw or sgd")
-    for key in ("max_epochs", "iters_per_epoch", "val_every", "batch_size"):
+    for key in ("max_epochs", "iters_per_epoch", "val_every", "batch_size", "max_nonfinite_steps"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key} = {t[key]}; it must be at least 1")
     if t["warmup_epochs"] < 0 or t["warmup_epochs"] > t["max_epochs"]:
@@ -343,6 +519,58 @@ def _check_trainer_config(cfg):
     clip = t["grad_clip"]
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"trainer.grad_clip = {clip!r}; give a positive number or null")
+
+
+def _preflight(cfg, ctx):
+    """Rank 0 checks every training and validation case before the model is built; all ranks raise its
+    verdict (so none waits forever at a collective)."""
+    problem = None
+    if ctx.is_main:
+        started = time.time()
+        try:
+            count = check_datalist(cfg)
+            log.info("data pre-flight: %d cases checked in %.1f s", count, time.time() - started)
+        except DataConfigError as err:
+            problem = str(err)
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise DataConfigError(problem)
+
+
+def _build_model(cfg, ctx):
+    """The configured network on the device; a value the builder rejects is a ConfigError naming the model."""
+    name = cfg["model"]["name"]
+    try:
+        model = build_model(name, **model_kwargs(cfg))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model {name!r} cannot be built from the model section: {err}") from None
+    if ctx.world_size > 1 and cfg["trainer"]["sync_batchnorm"]:
+        if ctx.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            log.info("trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only; on %s each process keeps its own "
+                     "BatchNorm statistics", ctx.device.type)
+    return model.to(ctx.device)
+
+
+def _checkpoint_bytes(model):
+    """About the size of one checkpoint: the weights plus up to two optimizer moments per parameter."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 3 * weights + 2**20
+
+
+def _discard_unstarted_run(run_dir):
+    """A new run that failed before its first checkpoint: remove the files it wrote, and its folder if
+    that is then empty (a --logdir holding other files keeps them)."""
+    if any((run_dir / name).exists() for name in (LATEST, BEST)):
+        return
+    for pattern in RUN_FILES:
+        for path in run_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _setup_logging(run_dir, is_main):
@@ -378,16 +606,23 @@ def _resume(resume_dir, cfg, model, optimizer, scheduler, scaler, ctx):
         group["initial_lr"], group["lr"] = t["lr"], t["lr"] * factor
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    if ctx.is_main:
+    by_rank = ckpt.get("rng_by_rank") or []
+    if len(by_rank) == ctx.world_size:
+        restore_rng(by_rank[ctx.rank])
+    elif ctx.is_main:
         restore_rng(ckpt["rng"])
-    else:
-        set_determinism(seed=t["seed"] + ctx.rank + ckpt["iteration"])  # only rank 0's streams are saved; do not replay ours
+    else:  # saved with another world size (or by a crash handler, rank 0 alone): do not replay rank 0's streams
+        set_determinism(seed=t["seed"] + ctx.rank + ckpt["iteration"])
     changed = [f"{s}.{k}: {ckpt['config'].get(s, {}).get(k)!r} -> {v!r}" for s in ("data", "model", "trainer")
                for k, v in cfg[s].items() if ckpt["config"].get(s, {}).get(k) != v]
     log.info("resumed %s at epoch %d, iteration %d%s", path, ckpt["epoch"], ckpt["iteration"],
              f"; changed settings: {'; '.join(changed)}" if changed else "")
-    return TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], best_metric=ckpt["best_metric"],
-                      best_epoch=ckpt.get("best_epoch"), history=ckpt["history"])
+    state = TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], best_metric=ckpt["best_metric"],
+                       best_epoch=ckpt.get("best_epoch"), history=ckpt["history"],
+                       epoch_loss_sum=ckpt.get("epoch_loss_sum", 0.0), epoch_loss_steps=ckpt.get("epoch_loss_steps", 0),
+                       last_saved=(ckpt["epoch"], ckpt["iteration"]))
+    state.skipped.update(ckpt.get("skipped", {}))
+    return state
 
 
 if __name__ == "__main__":

@@ -1,8 +1,18 @@
-"""Data loaders for training, evaluation and prediction (MONAI CacheDataset + DataLoader)."""
+"""Data loaders for training, evaluation and prediction (MONAI CacheDataset + DataLoader).
+
+The training loader draws reproducibly from any point: the case order of data pass p is a permutation
+seeded by (seed, p), and the random augmentation of the item at (pass, position) is seeded by
+(seed, rank, pass, position) just before it runs. Every draw is thus a function of where it sits in the
+stream, not of a running random state, so a run resumed at optimizer step k continues exactly as it
+would have, with any number of loader workers (see `TrainSampler` and `SeededDraws`).
+"""
+import signal
 from pathlib import Path
 
+import numpy as np
+import torch
 from monai.data import CacheDataset, DataLoader, Dataset
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Sampler
 
 from .datalist import DataConfigError, read_datalist
 from .transforms import eval_transforms, train_transforms
@@ -19,22 +29,89 @@ def _dataset(cfg, items, transform, progress):
     )
 
 
+def derived_seed(*numbers):
+    """A 32-bit seed that depends on every number given (numpy's SeedSequence mixes them)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
+
+
+class TrainSampler(Sampler):
+    """Shuffled training order that can start anywhere: pass p visits the cases in a permutation seeded by
+    (seed, p); with several processes each rank takes every world_size-th case of it (the order padded with
+    its own start to a multiple of world_size, as DistributedSampler does).
+
+    Yields (pass, position, case index) keys for `SeededDraws`. `start(p, position)` sets where the next
+    iteration begins; each later iteration is the next pass, from position 0. len() is a whole pass.
+    """
+
+    def __init__(self, num_cases, seed, rank=0, world_size=1):
+        self.num_cases, self.seed, self.rank, self.world_size = num_cases, seed, rank, world_size
+        self.per_rank = -(-num_cases // world_size)
+        self.data_pass, self.position = 0, 0
+
+    def start(self, data_pass, position=0):
+        self.data_pass, self.position = data_pass, position
+
+    def order(self, data_pass):
+        """This rank's case indices for pass `data_pass`."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, data_pass))
+        order = torch.randperm(self.num_cases, generator=generator).tolist()
+        order += order[: self.per_rank * self.world_size - len(order)]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        data_pass, first = self.data_pass, self.position
+        self.data_pass, self.position = data_pass + 1, 0  # a second iter() is the next pass
+        order = self.order(data_pass)
+        return iter([(data_pass, position, order[position]) for position in range(first, len(order))])
+
+    def __len__(self):
+        return self.per_rank
+
+
+class SeededDraws(torch.utils.data.Dataset):
+    """The items of a CacheDataset whose random transforms are reseeded, before each draw, from
+    (seed, rank, pass, position); indexed by the keys of `TrainSampler`.
+
+    MONAI transforms keep a numpy RandomState each (and DataLoader workers get copies of them), so their
+    draws would depend on what came before; reseeding the Compose reseeds every one of them.
+    """
+
+    def __init__(self, dataset, seed, rank=0):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        data_pass, position, index = key
+        self.dataset.transform.set_random_state(seed=derived_seed(self.seed, self.rank, data_pass, position))
+        return self.dataset[index]
+
+
+def _ignore_stop_signals(worker_id):
+    # Ctrl-C reaches the whole process group: the main process alone decides to stop, saves, and shuts
+    # the workers down; a worker that died first would turn a clean stop into a loader error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_train_loader(cfg, rank=0, world_size=1):
     """Shuffled loader of random crops; each batch holds trainer.batch_size volumes x data.num_samples crops.
 
-    With world_size > 1 it uses a DistributedSampler: call loader.sampler.set_epoch(epoch) each epoch.
+    Its sampler is a `TrainSampler`: `loader.sampler.start(pass, position)` sets where the next pass begins.
     """
     items = read_datalist(cfg)["training"]
-    dataset = _dataset(cfg, items, train_transforms(cfg), progress=rank == 0)
-    sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["trainer"]["seed"])
+    seed = cfg["trainer"]["seed"]
+    dataset = SeededDraws(_dataset(cfg, items, train_transforms(cfg), progress=rank == 0), seed, rank)
     return DataLoader(
         dataset,
         batch_size=cfg["trainer"]["batch_size"],
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=TrainSampler(len(items), seed, rank, world_size),
         num_workers=cfg["data"]["num_workers"],
+        worker_init_fn=_ignore_stop_signals,
+        # Its own generator: otherwise each new pass's iterator, and MONAI's DataLoader at construction
+        # (which re-seeds the global generator), would draw from the torch RNG the model's dropout uses.
+        generator=torch.Generator().manual_seed(seed),
         drop_last=False,
     )
 

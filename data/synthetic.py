@@ -8,12 +8,15 @@ that orientation, resampling and inversion all do real work.
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from .datalist import DataConfigError
 
 LABELS = {
     0: "background",
@@ -178,6 +181,7 @@ def generate_synthetic_dataset(out_dir, n_train=8, n_val=2, n_test=4, seed=0):
 
 def ensure_synthetic_dataset(data_dir, **kwargs):
     """Generate the phantom set into data_dir unless its dataset.json exists; returns the dataset.json path.
+    data_dir must be empty or absent otherwise (DataConfigError).
 
     Generation happens in a sibling temporary folder renamed into place, so an interrupted run leaves no
     half-written data set, and concurrent callers (e.g. several DDP ranks) end with one complete copy.
@@ -186,17 +190,25 @@ def ensure_synthetic_dataset(data_dir, **kwargs):
     json_path = data_dir / "dataset.json"
     if json_path.is_file():
         return json_path
+    if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
+        # A mistyped data_dir must not fill someone's folder with phantoms.
+        raise DataConfigError(f"data.data_dir {data_dir} is not empty and holds no dataset.json; synthetic "
+                              "phantoms are generated only into an empty or absent folder")
+    print(f"generating the synthetic phantom data set into {data_dir}", file=sys.stderr)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.", dir=data_dir.parent))
     try:
         generate_synthetic_dataset(tmp, **kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the data set from the group
         if data_dir.is_dir() and not any(data_dir.iterdir()):
             data_dir.rmdir()
         try:
             os.rename(tmp, data_dir)
         except OSError:
             if not json_path.is_file():
-                raise FileExistsError(
+                raise DataConfigError(
                     f"{data_dir} exists without dataset.json; remove it or point data.data_dir elsewhere"
                 ) from None
     finally:

@@ -110,8 +110,9 @@ def test_loss_decreases_on_easy_task(data_dir, tmp_path, monkeypatch):
 
 
 def test_crash_then_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_train_loader", lambda cfg, rank, world: fixed_loader())
-    cfg = make_cfg(data_dir, "trainer.optimizer=sgd", "trainer.grad_clip=1.0")
+    # The real loader with every random transform on: the resume must reproduce the crops and augmentation.
+    cfg = make_cfg(data_dir, "trainer.optimizer=sgd", "trainer.grad_clip=1.0", "data.flip_prob=0.5",
+                   "data.rot90_prob=0.5", "data.intensity_prob=0.5")
     train.run(cfg, tmp_path / "whole")
     whole = load_checkpoint(tmp_path / "whole" / "checkpoint_latest.pt")
 
@@ -129,7 +130,7 @@ def test_crash_then_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeyp
         train.run(cfg, tmp_path / "part")
     crashed = load_checkpoint(tmp_path / "part" / "checkpoint_latest.pt", required_keys=RESUME_KEYS)
     assert (crashed["epoch"], crashed["iteration"], crashed["scheduler"]["last_epoch"]) == (0, 2, 2)
-    assert "training stopped at epoch 0, iteration 2" in (tmp_path / "part" / "train.log").read_text()
+    assert "training stopped at epoch 0, iteration 2 by KeyboardInterrupt" in (tmp_path / "part" / "train.log").read_text()
 
     monkeypatch.setattr(train, "train_step", real_step)
     result = train.run(cfg, tmp_path / "part", resume=tmp_path / "part")

@@ -6,14 +6,14 @@ from models.registry import register_model
 
 from .windows import check_roi_size
 
-INSTANCE_NORM_MINIMUM = "instance norm in training needs more than one voxel per axis on the coarsest feature map"
+INSTANCE_NORM = "instance norm in training needs more than one voxel"
 
 
 @register_model("unet")
 def unet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), channels=(16, 32, 64, 128, 256), num_res_units=2):
     """MONAI's residual U-Net: every level halves the size (stride 2), instance norm."""
     stride = 2 ** (len(channels) - 1)
-    check_roi_size("unet", roi_size, stride, 2 * stride, INSTANCE_NORM_MINIMUM)
+    check_roi_size("unet", roi_size, stride, 2, INSTANCE_NORM)
     return UNet(3, in_channels, out_channels, channels=tuple(channels), strides=(2,) * (len(channels) - 1),
                 num_res_units=num_res_units)
 
@@ -23,7 +23,7 @@ def segresnet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), init_filt
               blocks_up=(1, 1, 1), dropout_prob=0.2):
     """MONAI's SegResNet (Myronenko 2018) without the VAE branch; group norm works on any map size."""
     stride = 2 ** (len(blocks_down) - 1)
-    check_roi_size("segresnet", roi_size, stride, stride, f"one voxel on its coarsest map, 1/{stride} of the window")
+    check_roi_size("segresnet", roi_size, stride)
     return SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, init_filters=init_filters,
                      blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up), dropout_prob=dropout_prob)
 
@@ -32,7 +32,7 @@ def segresnet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), init_filt
 def swin_unetr(in_channels=1, out_channels=9, roi_size=(128, 128, 128), feature_size=48):
     """MONAI's Swin UNETR (v1). It takes any input divisible by 32 (MONAI 1.6 has no img_size argument);
     roi_size is the training and sliding window."""
-    check_roi_size("swin_unetr", roi_size, 32, 64, INSTANCE_NORM_MINIMUM)
+    check_roi_size("swin_unetr", roi_size, 32, 2, INSTANCE_NORM)
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size)
 
 
@@ -61,7 +61,7 @@ class WindowUNETR(UNETR):
 def unetr(in_channels=1, out_channels=9, roi_size=(128, 128, 128), feature_size=16, hidden_size=768, mlp_dim=3072,
           num_heads=12):
     """UNETR (Hatamizadeh et al. 2022): ViT on 16^3 patches (perceptron embedding), residual conv decoder."""
-    roi_size = check_roi_size("unetr", roi_size, 16, 16, "one 16^3 patch")
+    roi_size = check_roi_size("unetr", roi_size, 16)
     return WindowUNETR(roi_size, in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                        hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads, proj_type="perceptron",
                        norm_name="instance", res_block=True)

@@ -24,7 +24,7 @@ from .windows import check_roi_size
 
 FEATURES = (32, 64, 128, 256, 320, 320)
 BLOCKS_PER_STAGE = 2  # nnU-Net's default plans: two convolutions (residual blocks) per stage, both paths
-INSTANCE_NORM_MINIMUM = "instance norm in training needs more than one voxel per axis on the coarsest feature map"
+INSTANCE_NORM = "instance norm in training needs more than one voxel"
 
 
 def _layers():
@@ -34,7 +34,7 @@ def _layers():
 
 def _check(network, roi_size, features):
     stride = 2 ** (len(features) - 1)
-    return check_roi_size(network, roi_size, stride, 2 * stride, INSTANCE_NORM_MINIMUM)
+    return check_roi_size(network, roi_size, stride, 2, INSTANCE_NORM)
 
 
 class MainOutputInEval:

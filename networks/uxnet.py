@@ -10,15 +10,14 @@ from torch import nn
 from models.layers import ChannelLayerNorm
 from models.registry import register_model
 
+from .windows import check_roi_size
+
 WINDOW_MULTIPLE = 16  # stem /2 then three /2 downsamplings
 
 
 def validated_roi(network, roi_size):
-    """roi_size as a list of 3 positive sizes divisible by WINDOW_MULTIPLE, or a ValueError naming it."""
-    roi = [roi_size] * 3 if isinstance(roi_size, int) else list(roi_size)
-    if len(roi) != 3 or any(not isinstance(s, int) or s <= 0 or s % WINDOW_MULTIPLE for s in roi):
-        raise ValueError(f"{network} roi_size must be 3 positive sizes divisible by {WINDOW_MULTIPLE}, got {roi_size}")
-    return roi
+    # Instance norms in the decoder (and SegMamba's encoder) need more than one voxel at 1/16.
+    return check_roi_size(network, roi_size, WINDOW_MULTIPLE, 2, "an instance norm needs more than one voxel")
 
 
 def check_four_stages(network, **values):

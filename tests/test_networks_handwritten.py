@@ -100,15 +100,24 @@ def test_forward_backward_small_window(name):
 
 
 @pytest.mark.parametrize("name, label", [("uxnet", "UX-Net"), ("segmamba", "SegMamba")])
-def test_windows_the_network_cannot_take_are_rejected(name, label):
-    for roi in ([40, 32, 32], [32, 32], 24, [0, 32, 32]):
-        message = f"{label} roi_size must be 3 positive sizes divisible by 16, got {roi}"
-        with pytest.raises(ValueError, match=re.escape(message)):
-            build_model(name, **{**TINY, "roi_size": roi})
+@pytest.mark.parametrize(
+    "roi, shown",
+    [([40, 32, 32], "[40, 32, 32]"), ([32, 32], "[32, 32]"), (24, "24"), ([0, 32, 32], "[0, 32, 32]"),
+     ([16, 16, 16], "[16, 16, 16]")],  # 16: one voxel at 1/16, where the instance norms need more
+)
+def test_windows_the_network_cannot_take_are_rejected(name, label, roi, shown):
+    with pytest.raises(ValueError, match=re.escape(f"{label} roi_size")) as error:
+        build_model(name, **{**TINY, "roi_size": roi})
+    assert shown in str(error.value)
+
+
+@pytest.mark.parametrize("name, label", [("uxnet", "UX-Net"), ("segmamba", "SegMamba")])
+def test_inputs_and_stage_lists_the_network_cannot_take_are_rejected(name, label):
+    build_model(name, **{**TINY, "roi_size": [32, 16, 48]})
     model = build_model(name, **TINY)
-    with pytest.raises(ValueError, match=r"needs input sizes divisible by 16, got \[32, 24, 32\]"):
+    with pytest.raises(ValueError, match=re.escape(f"{label} needs input sizes divisible by 16, got [32, 24, 32]")):
         model(torch.zeros(1, 1, 32, 24, 32))
-    with pytest.raises(ValueError, match=r"feature_size needs 4 values \(one per stage\), got \[8, 16, 32\]"):
+    with pytest.raises(ValueError, match=re.escape(f"{label} feature_size needs 4 values (one per stage), got [8, 16, 32]")):
         build_model(name, **{**TINY, "feature_size": [8, 16, 32]})
 
 

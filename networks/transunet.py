@@ -20,7 +20,10 @@ from torch import nn
 
 from models.registry import register_model
 
+from .windows import check_roi_size
+
 NUM_LEVELS = 3  # decoder features at 1/8, 1/4 and 1/2 of the window feed the transformer decoder
+INSTANCE_NORM = "instance norm needs more than one voxel"
 PROBABILITY_FLOOR = 1e-6  # keeps log() of the combined class-mask probabilities finite
 
 
@@ -161,11 +164,7 @@ class TransUNet(nn.Module):
         if len(features) < NUM_LEVELS + 2:
             raise ValueError(f"TransUNet features_per_stage needs at least {NUM_LEVELS + 2} stages, got {features}")
         self.window_multiple = 2 ** (len(features) - 1)
-        roi = [roi_size] * 3 if isinstance(roi_size, int) else list(roi_size)
-        if len(roi) != 3 or any(not isinstance(s, int) or s <= 0 for s in roi) or not self._fits(roi):
-            raise ValueError(f"TransUNet roi_size must be 3 positive sizes divisible by {self.window_multiple}, not all "
-                             f"{self.window_multiple} (the bottleneck needs more than one voxel to instance-normalise), "
-                             f"got {roi_size}")
+        check_roi_size("TransUNet", roi_size, self.window_multiple, 2, INSTANCE_NORM)
         if hidden_dim % num_heads or hidden_dim % 32:
             raise ValueError(f"TransUNet hidden_dim {hidden_dim} must be divisible by num_heads ({num_heads}) and by 32 "
                              "(GroupNorm groups)")
@@ -192,13 +191,11 @@ class TransUNet(nn.Module):
         self.transformer_decoder = MaskedAttentionDecoder(out_channels, out_channels, hidden_dim, num_heads,
                                                           dim_feedforward, num_layers)
 
-    def _fits(self, sizes):
-        return all(s % self.window_multiple == 0 for s in sizes) and math.prod(sizes) > self.window_multiple ** 3
-
     def forward(self, x):
-        if not self._fits(x.shape[2:]):
-            raise ValueError(f"TransUNet needs input sizes divisible by {self.window_multiple}, not all "
-                             f"{self.window_multiple}, got {list(x.shape[2:])}")
+        sizes = x.shape[2:]
+        if any(s % self.window_multiple for s in sizes) or math.prod(sizes) <= self.window_multiple**3:
+            raise ValueError(f"TransUNet needs input sizes divisible by {self.window_multiple}, more than one voxel at "
+                             f"1/{self.window_multiple} ({INSTANCE_NORM}), got {list(sizes)}")
         skips = self.encoder(x)
         y = skips[-1]
         decoded = []

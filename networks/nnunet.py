@@ -33,6 +33,8 @@ def _layers():
 
 
 def _check(network, roi_size, features):
+    if len(features) < 2:
+        raise ValueError(f"{network} features needs 2 or more stages, got {list(features)}")
     stride = 2 ** (len(features) - 1)
     return check_roi_size(network, roi_size, stride, 2, INSTANCE_NORM)
 

@@ -150,6 +150,11 @@ def test_window_errors(name, roi, message):
         models.build_model(name, roi_size=roi)
 
 
+def test_one_stage_is_refused():
+    with pytest.raises(ValueError, match=r"^nnunet features needs 2 or more stages, got \[32\]"):
+        models.build_model("nnunet", features=[32], roi_size=32)
+
+
 def test_unetr_rejects_another_window():
     model = models.build_model("unetr", roi_size=[32, 16, 16], **SMALL["unetr"][1])
     with pytest.raises(ValueError, match=r"built for a window of \[32, 16, 16\] voxels and got an input of \[16, 16, 32\]"):

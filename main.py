@@ -153,6 +153,8 @@ def cli(argv=None, default_command="run"):
 
 
 def _one_line(err):
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
     reason = fileio.location_error(err)
     if isinstance(err, OSError) and not isinstance(err, fileio.OutputError) and reason:
         return f"{reason}: {err.filename or err}"

@@ -162,6 +162,9 @@ def _train(cfg, run_dir, resume, ctx, stop):
     # the Dice loss instead of pushing its prediction to zero everywhere (which stalls small organs).
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
     loss_fn = DeepSupervisionLoss(dice_ce, t["deep_supervision_weights"])
+    signum = _stop_requested(stop, ctx)
+    if signum:  # during the set-up: nothing trained, nothing to save
+        raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} before training started", signum)
     writer = SummaryWriter(log_dir=str(run_dir)) if ctx.is_main else None
     batches = _batches(train_loader, state.iteration)
     total = t["max_epochs"] * t["iters_per_epoch"]

@@ -210,6 +210,53 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_with_the_good_checkpoint_
     assert f"({skipped} non-finite and 0 AMP-overflow steps skipped)" in log
 
 
+class NormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 1)
+        self.norm = torch.nn.BatchNorm3d(3)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_train_step_skips_nonfinite_steps_and_tells_amp_overflow_apart():
+    """The real train_step with float16 autocast and a GradScaler on the CPU (the CUDA path's logic)."""
+    import train
+
+    torch.manual_seed(0)
+    model = NormNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    label = torch.zeros(1, 1, 4, 4, 4)
+
+    def step(image, loss_fn, scaler, use_amp):
+        before = [t.clone() for t in (*model.parameters(), *model.buffers())]
+        loss, outcome = train.train_step(model, {"image": image, "label": label}, loss_fn, optimizer, scaler,
+                                         {"grad_clip": 1.0}, torch.device("cpu"), use_amp)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, (*model.parameters(), *model.buffers())))
+        return outcome, unchanged
+
+    def mean_square(out, _):
+        return (out.float() ** 2).mean()
+
+    def huge(out, _):  # float16 gradients overflow at the initial scale 2^16, not at a lower one
+        return mean_square(out, _) * 1e6
+
+    nan_image = torch.randn(1, 1, 4, 4, 4)
+    nan_image[0, 0, 1, 2, 3] = float("nan")
+    plain = torch.amp.GradScaler("cpu", enabled=False)
+    assert step(torch.randn(1, 1, 4, 4, 4), mean_square, plain, False) == (train.STEP_OK, False)
+    assert step(nan_image, mean_square, plain, False) == (train.STEP_NONFINITE, True)  # BatchNorm untouched too
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert step(torch.randn(1, 1, 4, 4, 4), huge, scaler, True)[0] == train.STEP_AMP_OVERFLOW
+    assert scaler.get_scale() == 2.0**15  # the scaler skipped the update and halved its scale
+    assert step(nan_image, mean_square, scaler, True) == (train.STEP_NONFINITE, True)
+    low = torch.amp.GradScaler("cpu", init_scale=0.5)  # below 1, overflow no longer explains inf gradients
+    assert step(torch.randn(1, 1, 4, 4, 4), lambda out, _: (out.float() * 1e30).sum(), low, True) == (
+        train.STEP_NONFINITE, True)
+
+
 # ---- pre-flight ------------------------------------------------------------------------------------------
 
 

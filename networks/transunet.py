@@ -105,8 +105,9 @@ class MaskedAttentionDecoder(nn.Module):
         memories = [f.flatten(2).transpose(1, 2) + self.level_embed.weight[i] for i, f in enumerate(features)]
         positions = [sine_position_encoding(g, f.shape[1], f.device) for g, f in zip(grids, features)]
         batch = mask_features.shape[0]
-        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
-        x = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+        # repeat, not expand: a view of a parameter made under no_grad upsets autograd hooks (FlopCounterMode's)
+        query_pos = self.query_embed.weight.unsqueeze(0).repeat(batch, 1, 1)
+        x = self.query_feat.weight.unsqueeze(0).repeat(batch, 1, 1)
         predictions = [self.predict(x, mask_features)]
         for i, (cross, self_attn, ffn) in enumerate(zip(self.cross_attention, self.self_attention, self.ffn)):
             level = i % NUM_LEVELS

@@ -10,6 +10,7 @@ import yaml
 from monai.networks.nets.swin_unetr import compute_mask
 
 from models import build_model
+from models.complexity import count_flops
 from networks.transunet import MaskedAttentionDecoder
 from networks.vtunet import VTBlock
 
@@ -118,6 +119,13 @@ def test_transunet_without_deep_supervision_trains_on_its_single_output():
     torch.manual_seed(0)
     model = build_model("transunet", out_channels=3, roi_size=[64, 32, 32], **TINY_TRANSUNET)
     assert_trains(model, torch.randn(1, 1, 64, 32, 32), 3)
+
+
+def test_transunet_flops_are_counted_including_every_mask_product():
+    model = build_model("transunet", out_channels=4, roi_size=[32, 32, 64], **TINY_TRANSUNET).eval()
+    counts = count_flops(model, torch.zeros(1, 1, 32, 32, 64))
+    mask_products = (TINY_TRANSUNET["num_layers"] + 1) * 4 * TINY_TRANSUNET["hidden_dim"] * 32 * 32 * 64
+    assert counts["params"] == num_params(model) and counts["macs"] > mask_products
 
 
 def test_transunet_rejects_windows_it_cannot_take():

@@ -41,3 +41,53 @@ def count_flops(model, example_input):
     dense = counter.get_total_flops()
     return {"params": sum(p.numel() for p in model.parameters()), "flops": dense + scan_flops,
             "macs": dense // 2, "scan_flops": scan_flops}
+
+
+CALFLOPS_INSTALL = "pip install -r requirements-flops.txt"
+
+
+def calflops_counts(model, example_input):
+    """{"calflops_flops", "calflops_macs"} of one forward pass, as calflops (the paper's tool) counts them.
+
+    calflops patches torch's functional ops, so it cannot see the selective scans (numba or CUDA kernels)
+    but does count element-wise work (norms, activations) that `count_flops` leaves out. ImportError
+    when calflops, or the transformers package it imports, is missing."""
+    from calflops import calculate_flops
+
+    with torch.no_grad():
+        flops, macs, _ = calculate_flops(model=model, args=[example_input], print_results=False,
+                                         print_detailed=False, output_as_string=False)
+    return {"calflops_flops": int(flops), "calflops_macs": int(macs)}
+
+
+# Columns of the `flops --all` table: (key in a result row, heading, formatter of the raw number).
+TABLE_COLUMNS = (
+    ("params", "params", lambda v: f"{v:,}"),
+    ("flops", "GFLOPs", lambda v: f"{v / 1e9:.2f}"),
+    ("scan_flops", "of which scans", lambda v: f"{v / 1e9:.2f}"),
+    ("macs", "GMACs", lambda v: f"{v / 1e9:.2f}"),
+    ("calflops_flops", "calflops GFLOPs", lambda v: f"{v / 1e9:.2f}"),
+    ("calflops_macs", "calflops GMACs", lambda v: f"{v / 1e9:.2f}"),
+)
+
+
+def table_columns(rows):
+    """The columns some row has a value for, in TABLE_COLUMNS order."""
+    return [c for c in TABLE_COLUMNS if any(c[0] in row for row in rows)]
+
+
+def format_markdown_table(rows):
+    """A Markdown table of `rows` ({"model", numbers..., "note"}); a row without numbers shows its note."""
+    columns = table_columns(rows)
+    lines = ["| model | " + " | ".join(heading for _, heading, _ in columns) + " | note |",
+             "|---|" + "---:|" * len(columns) + "---|"]
+    for row in rows:
+        cells = [fmt(row[key]) if key in row else "-" for key, _, fmt in columns]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def csv_records(rows):
+    """Rows for csv.DictWriter: raw integer counts, an empty cell where a model could not be counted."""
+    keys = ["model", *(key for key, _, _ in table_columns(rows)), "note"]
+    return keys, [{key: row.get(key, "") for key in keys} for row in rows]

@@ -109,6 +109,10 @@ def make_train_loader(cfg, rank=0, world_size=1):
         sampler=TrainSampler(len(items), seed, rank, world_size),
         num_workers=cfg["data"]["num_workers"],
         worker_init_fn=_ignore_stop_signals,
+        # Workers kept across passes: no fork per pass, and each one's warnings (e.g. MONAI's "no available
+        # indices of class k") appear once instead of once a pass. Their copies of the transforms are
+        # reseeded before every draw, so keeping them changes no result.
+        persistent_workers=cfg["data"]["num_workers"] > 0,
         # Its own generator: otherwise each new pass's iterator, and MONAI's DataLoader at construction
         # (which re-seeds the global generator), would draw from the torch RNG the model's dropout uses.
         generator=torch.Generator().manual_seed(seed),

@@ -1,0 +1,339 @@
+"""`main.py prepare`: from a downloaded archive to the decathlon folder the dataset configs expect.
+
+    synapse  the BTCV abdomen archive (RawData/Training/img/img00XX.nii.gz, .../label/label00XX.nii.gz):
+             18 training (4 of them validation) and the 12 test cases of TransUNet's split, 8 organs
+    btcv     the same archive, all 13 organs, Swin UNETR's split (validation img0035-img0040) and the
+             20 unlabelled RawData/Testing scans as the test list
+    msd      a Medical Segmentation Decathlon task folder (Task09_Spleen, ...), with a validation list added
+
+Images are hard-linked (copied where links are impossible) unchanged; labels are rewritten as uint8 with the
+protocol's remap and the label file's own header. Every case is checked first (readable, 3D, same shape and
+affine as its image, label values in range, finite intensities); the first bad case stops with one line.
+The folder is built in a temporary sibling and renamed into place when complete. Never imported by training.
+"""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+import config
+
+from .datalist import DataConfigError, _hold_out_validation, _labels
+
+# The 13 organs of the BTCV abdomen challenge, by label value in its label files.
+BTCV_ORGANS = {
+    1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus", 6: "liver",
+    7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_and_splenic_vein", 11: "pancreas",
+    12: "right_adrenal_gland", 13: "left_adrenal_gland",
+}
+BTCV_LABELLED = tuple(range(1, 11)) + tuple(range(21, 41))  # the 30 labelled scans of RawData/Training
+SYNAPSE_TEST = (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)  # TransUNet's 12 test cases
+# Validation for the `synapse` protocol: 4 of the 18 training cases, spread over the scan numbers.
+SYNAPSE_VALIDATION = (6, 24, 31, 39)
+BTCV_VALIDATION = tuple(range(35, 41))  # Swin UNETR's dataset_0.json
+
+# Synapse label protocols: output class -> BTCV label value.
+SYNAPSE_LABELS = {
+    # TransUNet/nnFormer/UNETR++ and the EM-Net paper's per-organ table: pancreas, not the esophagus.
+    "standard": {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 8, 8: 11},
+    # The EM-Net reference's dataset.json taken literally: BTCV labels 1-8 (esophagus, no pancreas).
+    "btcv8": {k: k for k in range(1, 9)},
+}
+LABEL_PROTOCOLS = tuple(SYNAPSE_LABELS)
+DATASETS = ("synapse", "btcv", "msd")
+DEFAULT_VAL_FRACTION = 0.2
+AFFINE_TOLERANCE = 1e-3  # mm (translation) and matrix entries: label and image affines must agree this well
+
+
+@dataclass
+class Case:
+    image: Path
+    label: Path | None  # None: an unlabelled test image
+    split: str
+    image_out: str  # relative to the output folder
+    label_out: str | None
+
+
+@dataclass
+class Plan:
+    title: str
+    cases: list
+    class_names: list  # index = class value
+    remap: np.ndarray | None  # lookup table raw value -> class; None keeps values (then in 0..len(class_names)-1)
+    raw_label_max: int
+    json_name: str
+    json_extra: dict
+
+
+# ---- layouts ----------------------------------------------------------------------------------------------
+
+
+def _btcv_training_dir(raw):
+    """RawData/Training under `raw`, which may be the archive root, RawData or RawData/Training itself."""
+    raw = Path(raw).expanduser()
+    if not raw.is_dir():
+        raise DataConfigError(f"--raw {raw}: folder not found")
+    for candidate in (raw / "RawData" / "Training", raw / "Training", raw):
+        if (candidate / "img").is_dir() and (candidate / "label").is_dir():
+            return candidate.resolve()
+    raise DataConfigError(f"--raw {raw}: no RawData/Training/img and RawData/Training/label under it "
+                          "(unpack RawData.zip of the BTCV abdomen challenge and point --raw at it)")
+
+
+def _btcv_case(training, number, split, folder):
+    image = training / "img" / f"img{number:04d}.nii.gz"
+    label = training / "label" / f"label{number:04d}.nii.gz"
+    for path in (image, label):
+        if not path.is_file():
+            raise DataConfigError(f"{path} not found: RawData/Training of the BTCV archive holds img0001-img0010 "
+                                  "and img0021-img0040 with their labels")
+    return Case(image, label, split, f"images{folder}/{image.name}", f"labels{folder}/{label.name}")
+
+
+def _remap_table(mapping):
+    table = np.zeros(max(BTCV_ORGANS) + 1, dtype=np.uint8)
+    for out_class, btcv_value in mapping.items():
+        table[btcv_value] = out_class
+    return table
+
+
+def synapse_plan(raw, labels="standard"):
+    if labels not in SYNAPSE_LABELS:
+        raise DataConfigError(f"--labels {labels!r}: choose one of {', '.join(LABEL_PROTOCOLS)}")
+    training = _btcv_training_dir(raw)
+    cases = []
+    for number in BTCV_LABELLED:
+        if number in SYNAPSE_TEST:
+            cases.append(_btcv_case(training, number, "test", "Ts"))
+        else:
+            split = "validation" if number in SYNAPSE_VALIDATION else "training"
+            cases.append(_btcv_case(training, number, split, "Tr"))
+    mapping = SYNAPSE_LABELS[labels]
+    names = ["background"] + [BTCV_ORGANS[mapping[c]] for c in sorted(mapping)]
+    extra = {"name": "Synapse", "description": f"BTCV abdomen (Synapse multi-organ), {labels} labels: "
+             f"{', '.join(names[1:])}; 18 training (validation img{', img'.join(f'{n:04d}' for n in SYNAPSE_VALIDATION)}) "
+             "and the 12 TransUNet test cases"}
+    return Plan(f"synapse ({labels} labels)", cases, names, _remap_table(mapping), max(BTCV_ORGANS),
+                "dataset.json", extra)
+
+
+def btcv_plan(raw, json_name="dataset_0.json"):
+    training = _btcv_training_dir(raw)
+    testing = training.parent / "Testing" / "img"
+    if not testing.is_dir():
+        raise DataConfigError(f"{testing} not found: the btcv protocol lists the unlabelled RawData/Testing scans")
+    cases = [_btcv_case(training, n, "validation" if n in BTCV_VALIDATION else "training", "Tr")
+             for n in BTCV_LABELLED]
+    scans = sorted(p for p in testing.iterdir() if p.name.startswith("img") and p.name.endswith(".nii.gz"))
+    cases += [Case(p, None, "test", f"imagesTs/{p.name}", None) for p in scans]
+    names = ["background"] + [BTCV_ORGANS[v] for v in sorted(BTCV_ORGANS)]
+    extra = {"name": "BTCV", "description": "BTCV abdomen, 13 organs; Swin UNETR's split (validation "
+             "img0035-img0040); the test list holds the challenge's unlabelled scans"}
+    return Plan("btcv (13 organs)", cases, names, None, len(names) - 1, json_name, extra)
+
+
+def _relative(value, where):
+    path = Path(str(value))
+    if path.is_absolute() or ".." in path.parts:
+        raise DataConfigError(f"{where}: path {value!r} must be relative and inside the task folder")
+    return path.as_posix().removeprefix("./")
+
+
+def msd_plan(raw, val_fraction=None):
+    task = Path(raw).expanduser()
+    if not task.is_dir():
+        raise DataConfigError(f"--raw {task}: folder not found")
+    json_path = task.resolve() / "dataset.json"
+    if not json_path.is_file():
+        raise DataConfigError(f"--raw {task}: no dataset.json (point --raw at an MSD task folder such as Task09_Spleen)")
+    try:
+        content = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataConfigError(f"{json_path} is not valid JSON: {err}") from None
+    if not isinstance(content, dict):
+        raise DataConfigError(f"{json_path} must hold a JSON object")
+    names = [name for _, name in sorted(_labels(content, json_path).items())]
+    fraction = _msd_val_fraction(task.resolve().name) if val_fraction is None else val_fraction
+    lists = _hold_out_validation(content, fraction, json_path)
+    cases = []
+    for split in ("training", "validation", "test"):
+        items = lists.get(split, [])
+        if not isinstance(items, list) or (split == "training" and not items):
+            raise DataConfigError(f"{json_path}: key {split!r} must be a non-empty list" if split == "training"
+                                  else f"{json_path}: key {split!r} must be a list")
+        for index, item in enumerate(items):
+            where = f"{json_path}: {split}[{index}]"
+            if isinstance(item, str):
+                item = {"image": item}
+            if not isinstance(item, dict) or "image" not in item or (split != "test" and "label" not in item):
+                raise DataConfigError(f"{where} must be an object with 'image'" + (" and 'label'" if split != "test" else ""))
+            image = _relative(item["image"], where)
+            label = _relative(item["label"], where) if "label" in item else None
+            for rel in filter(None, (image, label)):
+                if not (task / rel).is_file():
+                    raise DataConfigError(f"{where}: file not found: {task.resolve() / rel}")
+            cases.append(Case(task.resolve() / image, task.resolve() / label if label else None, split, image, label))
+    extra = {k: v for k, v in content.items() if k not in ("training", "validation", "test")}
+    return Plan(f"msd {task.resolve().name}", cases, names, None, len(names) - 1, "dataset.json", extra)
+
+
+def _msd_val_fraction(task_name):
+    """data.val_fraction of the dataset config whose data_dir is this task's folder, else the default."""
+    for name in config.available("datasets"):
+        data = config.read_yaml(config.config_path("datasets", name)).get("data", {})
+        if Path(str(data.get("data_dir", ""))).name == task_name and data.get("val_fraction"):
+            return data["val_fraction"]
+    return DEFAULT_VAL_FRACTION
+
+
+def default_out(dataset, raw, labels="standard"):
+    """The data.data_dir of the dataset config this protocol feeds (relative to the working directory)."""
+    if dataset == "msd":
+        return Path("datasets") / Path(raw).expanduser().resolve().name
+    name = "synapse_btcv8" if dataset == "synapse" and labels == "btcv8" else dataset
+    return Path(config.read_yaml(config.config_path("datasets", name))["data"]["data_dir"])
+
+
+def _json_name(dataset):
+    if dataset != "btcv":
+        return "dataset.json"
+    return config.read_yaml(config.config_path("datasets", "btcv"))["data"].get("dataset_json", "dataset.json")
+
+
+# ---- checks and writing -----------------------------------------------------------------------------------
+
+
+def _read(path):
+    """(image, 3D array) of a NIfTI file, or a one-line error naming the file."""
+    try:
+        img = nib.load(str(path))
+        array = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel, gzip and zlib raise many kinds for a damaged file; all mean the same here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataConfigError(f"{path}: not a readable NIfTI file ({reason})") from None
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise DataConfigError(f"{path}: shape {array.shape} is not a 3D volume")
+    return img, array
+
+
+def _check_image(path):
+    img, array = _read(path)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise DataConfigError(f"{path}: holds {np.count_nonzero(~np.isfinite(array))} non-finite intensities (NaN or inf)")
+    return img, array.shape
+
+
+def _check_label(path, image_path, image, shape, raw_max):
+    label, values = _read(path)
+    if values.shape != shape:
+        raise DataConfigError(f"{path}: shape {values.shape} differs from its image {image_path} {shape}")
+    gap = float(np.max(np.abs(label.affine - image.affine)))
+    if not gap <= AFFINE_TOLERANCE:
+        raise DataConfigError(f"{path}: affine differs from that of its image {image_path} by {gap:.3g} "
+                              f"(tolerance {AFFINE_TOLERANCE})")
+    rounded = np.rint(values)
+    if not np.array_equal(rounded, values):
+        raise DataConfigError(f"{path}: holds non-integer label values")
+    low, high = int(rounded.min()), int(rounded.max())
+    if low < 0 or high > raw_max:
+        bad = low if low < 0 else high
+        raise DataConfigError(f"{path}: label value {bad} outside the protocol's range 0..{raw_max}")
+    return label, rounded.astype(np.int64)
+
+
+def _place_image(src, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # no second copy of gigabytes of CT
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _write_label(values, label, dst):
+    out = nib.Nifti1Image(values.astype(np.uint8), None, header=label.header)  # affine, qform, sform kept
+    out.set_data_dtype(np.uint8)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, str(dst))
+
+
+def _prepare_into(plan, folder):
+    """Check and write every case into `folder`; returns the statistics for the summary."""
+    n_classes = len(plan.class_names)
+    stats = {"shapes": [], "spacings": [], "voxels": np.zeros(n_classes, dtype=np.int64)}
+    lists = {"training": [], "validation": [], "test": []}
+    for case in tqdm(plan.cases, desc=f"prepare {plan.title}", unit="case"):
+        image, shape = _check_image(case.image)
+        stats["shapes"].append(shape)
+        stats["spacings"].append(tuple(float(z) for z in image.header.get_zooms()[:3]))
+        entry = {"image": f"./{case.image_out}"}
+        if case.label is not None:
+            label, values = _check_label(case.label, case.image, image, shape, plan.raw_label_max)
+            if plan.remap is not None:
+                values = plan.remap[values]
+            stats["voxels"] += np.bincount(values.ravel(), minlength=n_classes)[:n_classes]
+            _write_label(values, label, folder / case.label_out)
+            entry["label"] = f"./{case.label_out}"
+        _place_image(case.image, folder / case.image_out)
+        lists[case.split].append(entry)
+    content = {**plan.json_extra, "labels": {str(i): n for i, n in enumerate(plan.class_names)},
+               "numTraining": len(lists["training"]) + len(lists["validation"]), "numTest": len(lists["test"]),
+               **lists}
+    (folder / plan.json_name).write_text(json.dumps(content, indent=2) + "\n")
+    stats["lists"] = lists
+    return stats
+
+
+def summary_table(plan, stats, out):
+    lines = [f"prepared {plan.title} in {out}"]
+    for split, items in stats["lists"].items():
+        lines.append(f"  {split:<12}{len(items):>5} cases")
+    shapes, spacings = np.array(stats["shapes"]), np.array(stats["spacings"])
+    lines.append("  shape        " + " x ".join(f"{lo}-{hi}" for lo, hi in zip(shapes.min(0), shapes.max(0))) + " voxels")
+    lines.append("  spacing      " + " x ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(spacings.min(0), spacings.max(0)))
+                 + " mm")
+    width = max(len(n) for n in plan.class_names)
+    lines.append(f"  {'class':<{width}}  {'voxels (labelled cases)':>24}")
+    for index, (name, count) in enumerate(zip(plan.class_names, stats["voxels"])):
+        lines.append(f"  {index:>2} {name:<{width}}  {int(count):>21,}")
+    return "\n".join(lines)
+
+
+def prepare(dataset, raw, out=None, labels="standard", force=False, val_fraction=None):
+    """Build the decathlon folder of `dataset` from `raw`; returns the output folder."""
+    if dataset not in DATASETS:
+        raise DataConfigError(f"dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if labels != "standard" and dataset != "synapse":
+        raise DataConfigError(f"--labels applies to synapse only, not {dataset}")
+    out = Path(out if out is not None else default_out(dataset, raw, labels)).expanduser().absolute()
+    if out.exists() and not force:
+        raise DataConfigError(f"{out} exists; pass --force to replace it")
+    if dataset == "synapse":
+        plan = synapse_plan(raw, labels)
+    elif dataset == "btcv":
+        plan = btcv_plan(raw, _json_name("btcv"))
+    else:
+        plan = msd_plan(raw, val_fraction)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        stats = _prepare_into(plan, building)
+        building.chmod(0o755)  # mkdtemp makes it private
+        if out.exists():
+            replaced = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, replaced / out.name)
+            os.rename(building, out)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    print(summary_table(plan, stats, out))
+    return out

@@ -10,7 +10,8 @@ def check_roi_size(network, roi_size, multiple, coarsest_voxels=1, why=""):
     if len(sizes) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in sizes):
         raise ValueError(f"{network} roi_size must be 3 integer sizes, got {roi_size!r}")
     if any(s <= 0 or s % multiple for s in sizes):
-        raise ValueError(f"{network} roi_size {sizes} must be positive and divisible by {multiple} (its total downsampling)")
+        raise ValueError(f"{network} roi_size {sizes} must be positive and divisible by {multiple} "
+                         "(its total downsampling)")
     coarsest = math.prod(s // multiple for s in sizes)
     if coarsest < coarsest_voxels:
         raise ValueError(f"{network} roi_size {sizes} leaves {coarsest} voxel on the coarsest feature map "

@@ -160,5 +160,6 @@ def test_one_stage_is_refused():
 
 def test_unetr_rejects_another_window():
     model = models.build_model("unetr", roi_size=[32, 16, 16], **SMALL["unetr"][1])
-    with pytest.raises(ValueError, match=r"built for a window of \[32, 16, 16\] voxels and got an input of \[16, 16, 32\]"):
+    expected = r"built for a window of \[32, 16, 16\] voxels and got an input of \[16, 16, 32\]"
+    with pytest.raises(ValueError, match=expected):
         model(torch.zeros(1, 1, 16, 16, 32))

@@ -116,9 +116,9 @@ def synapse_plan(raw, labels="standard"):
             cases.append(_btcv_case(training, number, split, "Tr"))
     mapping = SYNAPSE_LABELS[labels]
     names = ["background"] + [BTCV_ORGANS[mapping[c]] for c in sorted(mapping)]
+    validation = ", ".join(f"img{n:04d}" for n in SYNAPSE_VALIDATION)
     extra = {"name": "Synapse", "description": f"BTCV abdomen (Synapse multi-organ), {labels} labels: "
-             f"{', '.join(names[1:])}; 18 training (validation img{', img'.join(f'{n:04d}' for n in SYNAPSE_VALIDATION)}) "
-             "and the 12 TransUNet test cases"}
+             f"{', '.join(names[1:])}; 18 training (validation {validation}) and the 12 TransUNet test cases"}
     return Plan(f"synapse ({labels} labels)", cases, names, _remap_table(mapping), max(BTCV_ORGANS),
                 "dataset.json", extra)
 
@@ -146,12 +146,12 @@ def _relative(value, where):
 
 
 def msd_plan(raw, val_fraction=None):
-    task = Path(raw).expanduser()
-    if not task.is_dir():
-        raise DataConfigError(f"--raw {task}: folder not found")
-    json_path = task.resolve() / "dataset.json"
+    if not Path(raw).expanduser().is_dir():
+        raise DataConfigError(f"--raw {raw}: folder not found")
+    task = Path(raw).expanduser().resolve()
+    json_path = task / "dataset.json"
     if not json_path.is_file():
-        raise DataConfigError(f"--raw {task}: no dataset.json (point --raw at an MSD task folder such as Task09_Spleen)")
+        raise DataConfigError(f"--raw {raw}: no dataset.json (point --raw at an MSD task folder, e.g. Task09_Spleen)")
     try:
         content = json.loads(json_path.read_text())
     except json.JSONDecodeError as err:
@@ -159,7 +159,7 @@ def msd_plan(raw, val_fraction=None):
     if not isinstance(content, dict):
         raise DataConfigError(f"{json_path} must hold a JSON object")
     names = [name for _, name in sorted(_labels(content, json_path).items())]
-    fraction = _msd_val_fraction(task.resolve().name) if val_fraction is None else val_fraction
+    fraction = _msd_val_fraction(task.name) if val_fraction is None else val_fraction
     lists = _hold_out_validation(content, fraction, json_path)
     cases = []
     for split in ("training", "validation", "test"):
@@ -171,16 +171,17 @@ def msd_plan(raw, val_fraction=None):
             where = f"{json_path}: {split}[{index}]"
             if isinstance(item, str):
                 item = {"image": item}
-            if not isinstance(item, dict) or "image" not in item or (split != "test" and "label" not in item):
-                raise DataConfigError(f"{where} must be an object with 'image'" + (" and 'label'" if split != "test" else ""))
+            needed = ("image",) if split == "test" else ("image", "label")
+            if not isinstance(item, dict) or any(key not in item for key in needed):
+                raise DataConfigError(f"{where} must be an object with {' and '.join(repr(k) for k in needed)}")
             image = _relative(item["image"], where)
             label = _relative(item["label"], where) if "label" in item else None
             for rel in filter(None, (image, label)):
                 if not (task / rel).is_file():
-                    raise DataConfigError(f"{where}: file not found: {task.resolve() / rel}")
-            cases.append(Case(task.resolve() / image, task.resolve() / label if label else None, split, image, label))
+                    raise DataConfigError(f"{where}: file not found: {task / rel}")
+            cases.append(Case(task / image, task / label if label else None, split, image, label))
     extra = {k: v for k, v in content.items() if k not in ("training", "validation", "test")}
-    return Plan(f"msd {task.resolve().name}", cases, names, None, len(names) - 1, "dataset.json", extra)
+    return Plan(f"msd {task.name}", cases, names, None, len(names) - 1, "dataset.json", extra)
 
 
 def _msd_val_fraction(task_name):
@@ -227,7 +228,8 @@ def _read(path):
 def _check_image(path):
     img, array = _read(path)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise DataConfigError(f"{path}: holds {np.count_nonzero(~np.isfinite(array))} non-finite intensities (NaN or inf)")
+        bad = np.count_nonzero(~np.isfinite(array))
+        raise DataConfigError(f"{path}: holds {bad} non-finite intensities (NaN or inf)")
     return img, array.shape
 
 
@@ -296,9 +298,9 @@ def summary_table(plan, stats, out):
     for split, items in stats["lists"].items():
         lines.append(f"  {split:<12}{len(items):>5} cases")
     shapes, spacings = np.array(stats["shapes"]), np.array(stats["spacings"])
-    lines.append("  shape        " + " x ".join(f"{lo}-{hi}" for lo, hi in zip(shapes.min(0), shapes.max(0))) + " voxels")
-    lines.append("  spacing      " + " x ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(spacings.min(0), spacings.max(0)))
-                 + " mm")
+    shape = " x ".join(f"{lo}-{hi}" for lo, hi in zip(shapes.min(0), shapes.max(0)))
+    spacing = " x ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(spacings.min(0), spacings.max(0)))
+    lines += [f"  shape        {shape} voxels", f"  spacing      {spacing} mm"]
     width = max(len(n) for n in plan.class_names)
     lines.append(f"  {'class':<{width}}  {'voxels (labelled cases)':>24}")
     for index, (name, count) in enumerate(zip(plan.class_names, stats["voxels"])):

@@ -12,7 +12,7 @@ import pytest
 import config
 import data
 import main
-from data.prepare import prepare
+from data.prepare import default_out, prepare
 from data.synthetic import make_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,8 @@ def test_synapse_standard_split_remap_and_untouched_images(archive, tmp_path, ca
     test_names = [f"img{n:04d}.nii.gz" for n in TEST_CASES]
     assert names(content["test"]) == test_names
     assert names(content["validation"]) == ["img0006.nii.gz", "img0024.nii.gz", "img0031.nii.gz", "img0039.nii.gz"]
-    assert len(content["training"]) == 14 and not set(names(content["training"] + content["validation"])) & set(test_names)
+    assert len(content["training"]) == 14
+    assert not set(names(content["training"] + content["validation"])) & set(test_names)
     # the shipped split file is exactly what prepare writes
     shipped = json.loads((REPO / "configs/splits/synapse.json").read_text())
     assert {k: shipped[k] for k in ("training", "validation", "test")} == \
@@ -235,7 +236,16 @@ def test_missing_folder_is_named(tmp_path):
     (tmp_path / "Abdomen" / "RawData").mkdir(parents=True)
     with pytest.raises(config.ConfigError, match="no RawData/Training/img and RawData/Training/label under it"):
         prepare("btcv", tmp_path / "Abdomen", tmp_path / "out")
+    with pytest.raises(config.ConfigError, match="Abdomen: no dataset.json .point --raw at an MSD task folder"):
+        prepare("msd", tmp_path / "Abdomen", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_default_output_is_the_configs_data_dir(tmp_path):
+    assert default_out("synapse", tmp_path) == Path("datasets/Synapse")
+    assert default_out("synapse", tmp_path, labels="btcv8") == Path("datasets/Synapse_btcv8")
+    assert default_out("btcv", tmp_path) == Path("datasets/BTCV")
+    assert default_out("msd", tmp_path / "Task07_Pancreas") == Path("datasets/Task07_Pancreas")
 
 
 def test_prepare_then_train_and_test_best_and_latest_from_the_cli(archive, tmp_path, monkeypatch, capsys):

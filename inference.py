@@ -23,10 +23,11 @@ def check_inference_config(cfg, overlap):
 def infer_volume(model, image, cfg, overlap=None, mirror=None):
     """Softmax probabilities (B, C, H, W, D) of `image` (B, C_in, H, W, D) by sliding-window inference.
 
-    `model` is a module or any callable returning logits for a batch of windows. The window is the model's
-    training window cfg["model"]["roi_size"]; `overlap` defaults to inference.overlap (validation passes
-    inference.val_overlap) and `mirror` to inference.mirror: when true the softmax is averaged over all 8
-    combinations of flips of the three spatial axes.
+    `model` is a module or any callable returning logits for a batch of windows; off the GPU it gets one
+    window at a time (see _one_window_at_a_time). The window is the model's training window
+    cfg["model"]["roi_size"]; `overlap` defaults to inference.overlap (validation passes inference.val_overlap)
+    and `mirror` to inference.mirror: when true the softmax is averaged over all 8 combinations of flips of
+    the three spatial axes.
     """
     inf = cfg["inference"]
     overlap = inf["overlap"] if overlap is None else overlap
@@ -42,11 +43,20 @@ def infer_volume(model, image, cfg, overlap=None, mirror=None):
     if mirror:
         flips = [tuple(a for a, bit in zip(SPATIAL_AXES, bits) if bit) for bits in np.ndindex(2, 2, 2)]
     use_amp = image.device.type == "cuda" and cfg["trainer"]["amp"]
+    network = model if image.device.type == "cuda" else _one_window_at_a_time(model)
     probs = None
     with torch.no_grad(), torch.autocast(device_type=image.device.type, enabled=use_amp):
         for axes in flips:
             x = torch.flip(image, axes) if axes else image
-            p = torch.softmax(inferer(x, model).float(), dim=1)
+            p = torch.softmax(inferer(x, network).float(), dim=1)
             p = torch.flip(p, axes) if axes else p
             probs = p if probs is None else probs + p
     return probs / len(flips)
+
+
+def _one_window_at_a_time(model):
+    """The network applied to each window of a sliding-window batch in turn. Off the GPU a batch of windows
+    is no faster (the convolutions already use every core) but holds sw_batch_size times the activations:
+    EM-Net at roi 128 peaks at 9.5 GB with 4 windows on a CPU (docs/benchmarks.md). Each window's output
+    is the one it gets alone, so the result does not depend on sw_batch_size."""
+    return lambda windows: torch.cat([model(window) for window in windows.split(1)])

@@ -266,6 +266,26 @@ def test_mirroring_averages_softmax_over_flips():
     torch.testing.assert_close(mirrored.double(), (softmax_of(plus) + softmax_of(minus)) / 2, atol=1e-6, rtol=0)
 
 
+def test_cpu_windows_run_one_at_a_time_so_sw_batch_size_leaves_the_output_alone():
+    torch.manual_seed(0)
+    net = nn.Conv3d(1, 3, 3, padding=1)
+    batches = []
+
+    def model(windows):
+        batches.append(windows.shape[0])
+        return net(windows)
+
+    image = torch.randn(1, 1, 20, 18, 12)
+    outputs = []
+    for sw_batch_size in (1, 4):
+        cfg = {"model": {"roi_size": [8, 8, 8]}, "trainer": {"amp": False},
+               "inference": {"overlap": 0.5, "blend_mode": "gaussian", "sw_batch_size": sw_batch_size,
+                             "mirror": False}}
+        outputs.append(evaluation.infer_volume(model, image, cfg))
+    assert set(batches) == {1} and len(batches) == 2 * 4 * 4 * 2  # windows per axis 4, 4, 2; two runs
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_reference_em_net_checkpoint_is_converted(tmp_path):
     # every key and shape of the reference implementation's tiny EM-Net, loaded strictly into ours
     table = Path(__file__).resolve().parent / "data" / "emnet_tiny_reference_keys.tsv"

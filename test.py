@@ -45,7 +45,10 @@ def load_model(cfg, checkpoint_path, device):
     kwargs = model_kwargs(cfg)
     if "deep_supervision" in models.model_defaults(name):
         kwargs["deep_supervision"] = False
-    model = models.build_model(name, **kwargs)
+    try:
+        model = models.build_model(name, **kwargs)
+    except (ValueError, TypeError) as err:  # e.g. an EM-Net window not divisible by 32: a config error
+        raise ConfigError(f"model {name!r} cannot be built from the model section: {err}") from None
 
     state_dict = ckpt["state_dict"]
     if name == "em-net" and any(k.removeprefix("module.").startswith(REFERENCE_PREFIX) for k in state_dict):

@@ -5,6 +5,11 @@ run folder: config.yaml, train.log, TensorBoard events, progress.png, checkpoint
 checkpoint_best.pt. Training is counted in iterations (trainer.iters_per_epoch per epoch, cycling the
 loader) and the learning rate follows a linear warmup then a cosine decay, stepped every iteration.
 Under torchrun every process runs this loop on its shard of the data; rank 0 alone logs and writes files.
+
+Faults: SIGINT/SIGTERM stop after the current step and save it; a crash saves the last finished step;
+non-finite steps are skipped (trainer.max_nonfinite_steps in a row stop the run, saving nothing). A resume
+continues bit-identically: the data stream is a function of the step count (data/loaders.py) and the
+checkpoint holds every rank's random streams.
 """
 import logging
 import math

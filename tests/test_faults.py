@@ -394,12 +394,15 @@ def test_cuda_device_without_cuda_is_one_line_and_debug_shows_the_traceback(work
     assert not (work / "no-cuda").exists()
 
 
-def test_model_that_cannot_be_built_is_one_line(work):
+def test_model_that_cannot_be_built_is_one_line(work, uninterrupted, tmp_path):
+    message = ("error: model 'em-net' cannot be built from the model section: EM-Net roi_size must be 3 positive "
+               "sizes divisible by 32, got [48, 48, 48]")
     code, err = cli(*train_args(work, "--logdir", str(work / "bad-model"), "--model_config", "em_net_tiny",
                                 "--set", "model.roi_size=[48, 48, 48]"))
-    assert code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1].startswith("error: model 'em-net' cannot be built from the model section: EM-Net roi_size must be "
-                          "3 positive sizes divisible by 32, got [48, 48, 48]")
+    assert code == 2 and "Traceback" not in err and err.splitlines()[-1] == message
+    code, err = cli("test", "--checkpoint", str(work / "whole" / "checkpoint_latest.pt"), "--model_config",
+                    "em_net_tiny", "--set", "model.roi_size=[48, 48, 48]", "--output", str(tmp_path / "eval"))
+    assert code == 2 and "Traceback" not in err and err.splitlines()[-1] == message
 
 
 def test_unreadable_checkpoint_and_unwritable_output_are_one_line(work, uninterrupted, tmp_path):

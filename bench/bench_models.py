@@ -135,7 +135,7 @@ def run_worker(name, args):
         error = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return {"model": name, "note": (error[-1] if error else f"exit status {result.returncode}")[:200]}
     row = json.loads(lines[-1])
-    print(f"  {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    print(f"  {name}: {time.perf_counter() - start:.0f} s {json.dumps(row)}", file=sys.stderr, flush=True)
     return row
 
 

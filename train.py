@@ -176,6 +176,7 @@ def _train(cfg, run_dir, resume, ctx, stop):
     bar = tqdm(total=total, initial=state.iteration, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
     # The random streams at the last step boundary, of every rank: what a checkpoint taken between steps holds.
     boundary_rng = [capture_rng()]
+    epoch_losses = None  # every rank's partial epoch loss [sum, steps], gathered for a mid-epoch save
     lr = optimizer.param_groups[0]["lr"]
 
     def snapshot():
@@ -188,7 +189,7 @@ def _train(cfg, run_dir, resume, ctx, stop):
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state.epoch,
                 "iteration": state.iteration, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
                 "rng": boundary_rng[0], "rng_by_rank": boundary_rng, "config": cfg, "history": state.history,
-                "epoch_loss_sum": state.epoch_loss_sum, "epoch_loss_steps": state.epoch_loss_steps,
+                "epoch_loss_by_rank": epoch_losses or [[state.epoch_loss_sum, state.epoch_loss_steps]],
                 "skipped": dict(state.skipped)}
 
     def save_latest():
@@ -214,7 +215,9 @@ def _train(cfg, run_dir, resume, ctx, stop):
                     bar.set_postfix(epoch=state.epoch + 1, loss=f"{loss.item():.4f}")
                     signum = _stop_requested(stop, ctx)
                     if signum:
-                        boundary_rng = distributed.all_gather_object(boundary_rng[0])
+                        gathered = distributed.all_gather_object(
+                            (boundary_rng[0], [state.epoch_loss_sum, state.epoch_loss_steps]))
+                        boundary_rng, epoch_losses = [g[0] for g in gathered], [g[1] for g in gathered]
                         if ctx.is_main:
                             save_latest()
                         raise TrainingInterrupted(_stopped_message(signum, state, run_dir), signum)
@@ -614,20 +617,22 @@ def _resume(resume_dir, cfg, model, optimizer, scheduler, scaler, ctx):
         group["initial_lr"], group["lr"] = t["lr"], t["lr"] * factor
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    by_rank = ckpt.get("rng_by_rank") or []
-    if len(by_rank) == ctx.world_size:
-        restore_rng(by_rank[ctx.rank])
+    rngs, losses = ckpt.get("rng_by_rank") or [], ckpt.get("epoch_loss_by_rank") or []
+    if len(rngs) == ctx.world_size:
+        restore_rng(rngs[ctx.rank])
     elif ctx.is_main:
         restore_rng(ckpt["rng"])
     else:  # saved with another world size (or by a crash handler, rank 0 alone): do not replay rank 0's streams
         set_determinism(seed=t["seed"] + ctx.rank + ckpt["iteration"])
+    loss_sum, loss_steps = losses[ctx.rank] if len(losses) == ctx.world_size else (
+        losses[0] if losses and ctx.is_main else (0.0, 0))
     changed = [f"{s}.{k}: {ckpt['config'].get(s, {}).get(k)!r} -> {v!r}" for s in ("data", "model", "trainer")
                for k, v in cfg[s].items() if ckpt["config"].get(s, {}).get(k) != v]
     log.info("resumed %s at epoch %d, iteration %d%s", path, ckpt["epoch"], ckpt["iteration"],
              f"; changed settings: {'; '.join(changed)}" if changed else "")
     state = TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], best_metric=ckpt["best_metric"],
                        best_epoch=ckpt.get("best_epoch"), history=ckpt["history"],
-                       epoch_loss_sum=ckpt.get("epoch_loss_sum", 0.0), epoch_loss_steps=ckpt.get("epoch_loss_steps", 0),
+                       epoch_loss_sum=loss_sum, epoch_loss_steps=loss_steps,
                        last_saved=(ckpt["epoch"], ckpt["iteration"]))
     state.skipped.update(ckpt.get("skipped", {}))
     return state

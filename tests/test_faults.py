@@ -479,3 +479,57 @@ def test_synthetic_data_is_generated_only_into_an_empty_or_absent_folder(tmp_pat
     assert (code, err) == (2, f"error: data.data_dir {folder} is not empty and holds no dataset.json; synthetic "
                               "phantoms are generated only into an empty or absent folder\n")
     assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not (tmp_path / "run").exists()
+
+
+# ---- torchrun-style: two processes -----------------------------------------------------------------------
+
+
+def _ddp_rank(rank, port, cfg, run_dir, resume):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import train
+
+    try:
+        train.run(cfg, run_dir, resume=resume)
+    except train.TrainingInterrupted as stop:
+        sys.exit(stop.exit_code)
+
+
+def _ddp_run(cfg, run_dir, resume=None, sigterm_rank1_after=None):
+    """Two forked ranks (gloo); returns their exit codes. With `sigterm_rank1_after`, rank 1 alone gets
+    SIGTERM once train.log holds that text."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("fork")  # reuses this process's imports
+    ranks = [context.Process(target=_ddp_rank, args=(r, port, cfg, run_dir, resume)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    deadline = time.monotonic() + 240
+    if sigterm_rank1_after is not None:
+        log = run_dir / "train.log"
+        while not (log.is_file() and sigterm_rank1_after in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few steps into the next epoch, usually
+        os.kill(ranks[1].pid, signal.SIGTERM)
+    for process in ranks:
+        process.join(max(deadline - time.monotonic(), 1))
+        if process.is_alive():
+            process.kill()
+    return [process.exitcode for process in ranks]
+
+
+def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes_exactly(work):
+    cfg = main._resolve(main.build_parser().parse_args(train_args(work, "--set", "trainer.max_epochs=3")))
+    assert _ddp_run(cfg, work / "ddp-whole") == [0, 0]
+    assert _ddp_run(cfg, work / "ddp-stopped", sigterm_rank1_after="epoch 1: loss") == [143, 143]
+    stopped = latest(work / "ddp-stopped")
+    assert ITERS <= stopped["iteration"] < 3 * ITERS and len(stopped["rng_by_rank"]) == 2  # both ranks' streams
+    log = (work / "ddp-stopped" / "train.log").read_text()
+    assert log.count(f"stopped by SIGTERM at epoch {stopped['epoch']}, iteration {stopped['iteration']}") == 1
+    assert _ddp_run(cfg, work / "ddp-stopped", resume=work / "ddp-stopped") == [0, 0]
+    assert_same_run(latest(work / "ddp-whole"), latest(work / "ddp-stopped"))

@@ -103,6 +103,8 @@ def assert_same_run(a, b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(work):
+    # In a fresh interpreter like the interrupted runs: nothing another test changed in this process
+    # (threads, default dtype, flags) can make the reference differ.
     run_to_end(train_args(work, "--logdir", str(work / "whole")), work)
     return latest(work / "whole")
 

@@ -17,8 +17,17 @@ class OutputError(OSError):
     exit_code = 2
 
 
-def _umask():
-    mask = os.umask(0)
+def current_umask():
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it, and a
+    moment of another mask would apply to files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -53,7 +62,7 @@ def atomic_path(path, suffix=".tmp"):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except Exception as err:
         reason = location_error(err)

@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from fileio import current_umask
+
 from .datalist import DataConfigError
 
 LABELS = {
@@ -199,9 +201,7 @@ def ensure_synthetic_dataset(data_dir, **kwargs):
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.", dir=data_dir.parent))
     try:
         generate_synthetic_dataset(tmp, **kwargs)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the data set from the group
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the data set from the group
         if data_dir.is_dir() and not any(data_dir.iterdir()):
             data_dir.rmdir()
         try:

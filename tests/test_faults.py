@@ -482,6 +482,17 @@ def test_synthetic_data_is_generated_only_into_an_empty_or_absent_folder(tmp_pat
                               "phantoms are generated only into an empty or absent folder\n")
     assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not (tmp_path / "run").exists()
 
+    from data import ensure_synthetic_dataset
+
+    (tmp_path / "empty").mkdir()
+    old = os.umask(0o022)
+    try:
+        ensure_synthetic_dataset(tmp_path / "empty", n_train=1, n_val=1, n_test=0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "empty" / "dataset.json").is_file()
+    assert (tmp_path / "empty").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
 
 # ---- torchrun-style: two processes -----------------------------------------------------------------------
 

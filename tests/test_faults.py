@@ -113,23 +113,24 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_result(work, uninte
     """One run, stopped four times at random iterations and resumed each time, loader workers switched on
     and off in between: SIGKILL mid-epoch (nothing saved: back to the last epoch's checkpoint) without and
     with workers, SIGTERM and SIGINT (saved at the step they stopped after). It must end bit-identical."""
+    # Signals are sent early in an epoch: the run reacts a few steps after its progress bar shows the target.
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     run, why = work / "chain", f"random kill points of seed {seed}"
     resume = ["train", "--resume", str(run), "--set", "data.num_workers={}"]
 
     status, err = signal_at(train_args(work, "--logdir", str(run)), work, signal.SIGKILL,
-                            rng.randint(ITERS + 1, 2 * ITERS - 2))
+                            rng.randint(ITERS + 1, ITERS + 2))
     assert status == -signal.SIGKILL, why
     assert latest(run)["iteration"] == ITERS, why  # the end of epoch 1
 
     resume[-1] = "data.num_workers=2"
-    status, err = signal_at(resume, work, signal.SIGKILL, rng.randint(2 * ITERS + 1, 3 * ITERS - 2))
+    status, err = signal_at(resume, work, signal.SIGKILL, rng.randint(2 * ITERS + 1, 2 * ITERS + 2))
     assert status == -signal.SIGKILL and latest(run)["iteration"] == 2 * ITERS, why
 
-    for signum, workers, low in ((signal.SIGTERM, 0, 2 * ITERS + 2), (signal.SIGINT, 2, 3 * ITERS + 3)):
+    for signum, workers, low in ((signal.SIGTERM, 0, 2 * ITERS + 2), (signal.SIGINT, 2, 3 * ITERS + 2)):
         resume[-1] = f"data.num_workers={workers}"
-        status, err = signal_at(resume, work, signum, rng.randint(low, low + 2))
+        status, err = signal_at(resume, work, signum, rng.randint(low, low + 1))
         assert status == 128 + signum, (why, err[-2000:])
         stopped = int(re.search(rf"stopped by {signum.name} at epoch \d+, iteration (\d+)", err).group(1))
         assert latest(run)["iteration"] == stopped and stopped % ITERS, why  # mid-epoch, saved where it stopped

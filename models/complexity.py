@@ -23,12 +23,16 @@ def count_flops(model, example_input):
 
     "flops" includes the scans; "macs" are the multiply-adds of convolutions and matrix products.
     """
-    scan_flops = 0
+    scan_flops = conv_flops = 0
 
     def count_scan(module, inputs, output):
-        nonlocal scan_flops
+        nonlocal scan_flops, conv_flops
         batch, dim, length = inputs[0].shape
         scan_flops += selective_scan_flops(batch, dim, length, module.d_state)
+        # The causal depthwise convolution runs as per-tap multiply-adds (or causal-conv1d's kernel), which
+        # FlopCounterMode does not see: counted as the convolution padded on both sides that it replaced.
+        width = module.conv1d.weight.shape[-1]
+        conv_flops += 2 * batch * dim * (length + width - 1) * width
 
     hooks = [m.register_forward_hook(count_scan) for m in model.modules() if isinstance(m, ScanDirection)]
     counter = FlopCounterMode(display=False)
@@ -38,7 +42,7 @@ def count_flops(model, example_input):
     finally:
         for hook in hooks:
             hook.remove()
-    dense = counter.get_total_flops()
+    dense = counter.get_total_flops() + conv_flops
     return {"params": sum(p.numel() for p in model.parameters()), "flops": dense + scan_flops,
             "macs": dense // 2, "scan_flops": scan_flops}
 

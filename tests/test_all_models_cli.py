@@ -38,7 +38,7 @@ FAST = ["--set", "trainer.max_epochs=1", "--set", "trainer.iters_per_epoch=1", "
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "synthetic"
-    data.generate_synthetic_dataset(folder, n_train=1, n_val=1, n_test=2)
+    data.generate_synthetic_dataset(folder, n_train=1, n_val=1, n_test=1)
     return folder
 
 
@@ -62,9 +62,9 @@ def test_baseline_trains_and_tests_through_main(name, synthetic, tmp_path, monke
               "--output", str(tmp_path / "eval")])
     with open(tmp_path / "eval" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * NUM_ORGANS
+    assert len(rows) == NUM_ORGANS  # one test case
     assert {(row["case"], row["class_index"]) for row in rows} == {
-        (case, str(organ)) for case in ("phantom_002", "phantom_003") for organ in range(1, NUM_ORGANS + 1)}
+        ("phantom_002", str(organ)) for organ in range(1, NUM_ORGANS + 1)}
     for row in rows:
         assert 0.0 <= float(row["dice"]) <= 1.0
     shutil.rmtree(run)  # checkpoints of the large baselines hold ~1 GB of weights and optimizer state

@@ -26,25 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+from rss import reset_peak_rss, status_kb  # bench/ is this script's folder, first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REFERENCE = "em-net"
 
 
 # ------------------------------------------------------------------------------------------------ worker
-
-
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def build(name, window, device):
@@ -85,7 +74,7 @@ def measure(name, window, device_name, warmup, repeats):
         return statistics.median(times)
 
     torch.manual_seed(0)
-    rss0 = 0 if cuda else _status_kb("VmRSS")
+    rss0 = 0 if cuda else status_kb("VmRSS")
     model, in_channels = build(name, window, device)
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(1, in_channels, window, window, window, device=device)
@@ -105,16 +94,16 @@ def measure(name, window, device_name, warmup, repeats):
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _reset_peak_rss()
+        reset_peak_rss()
     infer_s = timed(infer)
-    infer_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (_status_kb("VmHWM") - rss0) / 1024)
+    infer_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (status_kb("VmHWM") - rss0) / 1024)
     model.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _reset_peak_rss()
+        reset_peak_rss()
     train_s = timed(train_step)
-    train_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (_status_kb("VmHWM") - rss0) / 1024)
+    train_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (status_kb("VmHWM") - rss0) / 1024)
     return {"model": name, "params": params, "train_s": train_s, "infer_s": infer_s,
             "train_mb": train_mb, "infer_mb": infer_mb}
 

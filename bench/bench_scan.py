@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from rss import reset_peak_rss, status_kb  # bench/ is this script's folder, first on sys.path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models.selective_scan as ss  # noqa: E402
@@ -78,19 +79,6 @@ def loop_scan(x):
     return y * F.silu(x["z"])
 
 
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _fwd_bwd(fn, x):
     """One forward with gradients and backward; returns the bytes autograd saved for backward."""
     leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
@@ -107,10 +95,10 @@ def measure(fn, length, repeats):
     x = make_inputs(length)
     # The first fwd+bwd gives the peak memory (nothing freed earlier to reuse) and stays untimed:
     # in this VM the first touch of fresh memory is slow, which is not the method's cost.
-    _reset_peak_rss()
-    rss0 = _status_kb("VmRSS")
+    reset_peak_rss()
+    rss0 = status_kb("VmRSS")
     saved = _fwd_bwd(fn, x)
-    peak = (_status_kb("VmHWM") - rss0) / 1024
+    peak = (status_kb("VmHWM") - rss0) / 1024
     fwd, both = [], []
     for _ in range(repeats):
         with torch.no_grad():

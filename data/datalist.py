@@ -5,6 +5,7 @@ from pathlib import Path
 from config import ConfigError
 
 SPLITS = ("training", "validation", "test")
+SHOWN = 20  # problems listed before "... and N more" (here and in the pre-flight)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,7 +111,7 @@ def read_datalist(cfg):
         lists, source = _load_json(split_path, "data.split_file"), split_path
     lists = _hold_out_validation(lists, dcfg.get("val_fraction"), source)
 
-    result = {}
+    result, problems = {}, []
     for split in SPLITS:
         if split == "test" and split not in lists:
             items = []
@@ -121,7 +122,18 @@ def read_datalist(cfg):
             items = lists[split]
         if not isinstance(items, list):
             raise DataConfigError(f"{source}: key {split!r} must be a list")
-        result[split] = [_entry(item, data_dir, source, split, i) for i, item in enumerate(items)]
+        result[split] = []
+        for i, item in enumerate(items):
+            try:
+                result[split].append(_entry(item, data_dir, source, split, i))
+            except DataConfigError as err:  # every missing file at once, not one per run
+                problems.append(str(err))
+    if len(problems) == 1:
+        raise DataConfigError(problems[0])
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:SHOWN])
+        more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        raise DataConfigError(f"{len(problems)} problems in the data lists:\n{shown}{more}")
     if not result["training"]:
         raise DataConfigError(f"{source}: key 'training' is an empty list")
     unlabelled = [i for i, e in enumerate(result["training"]) if "label" not in e]

@@ -17,10 +17,9 @@ import numpy as np
 
 from fileio import atomic_path
 
-from .datalist import DataConfigError, read_datalist
+from .datalist import SHOWN, DataConfigError, read_datalist
 
 AFFINE_TOLERANCE_MM = 1e-3  # image and label affines may differ by float rounding, not by a voxel shift
-SHOWN = 20  # problems listed before "... and N more"
 CACHE_NAME = ".preflight_cache.json"
 CACHE_VERSION = 1
 

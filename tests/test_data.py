@@ -310,3 +310,19 @@ def test_inversion_rejects_mismatched_prediction(tiny):
         data.invert_prediction(torch.zeros(1, 5, 5, 5), batch, cfg)
     with pytest.raises(ValueError, match="original_affine"):
         data.save_segmentation(np.zeros((2, 2, 2)), {"affine": np.eye(4)}, "x.nii.gz")
+
+
+def test_every_missing_file_is_listed_at_once(tiny):
+    root, cfg = tiny
+
+    def break_two(content):
+        content["training"][1].update(image="images/nope.nii.gz")
+        content["validation"][0].update(label="labels/gone.nii.gz")
+
+    _rewrite(root, break_two)
+    with pytest.raises(DataConfigError, match=r"2 problems in the data lists:\n") as err:
+        data.read_datalist(cfg)
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 2
+    assert "training[1].image file not found" in lines[0] and "nope.nii.gz" in lines[0]
+    assert "validation[0].label file not found" in lines[1] and "gone.nii.gz" in lines[1]

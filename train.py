@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,7 +207,11 @@ def _train(cfg, run_dir, resume, ctx, stop):
                     batch = next(batches)
                     lr = optimizer.param_groups[0]["lr"]  # the epoch logs the lr of its last step
                     loss, outcome = train_step(model, batch, loss_fn, optimizer, scaler, t, ctx.device, use_amp)
-                    scheduler.step()
+                    with warnings.catch_warnings():
+                        # A skipped step still uses up its learning rate (resume counts steps); torch warns
+                        # when that happens before any optimizer step, which is intended here.
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        scheduler.step()
                     state.iteration += 1
                     stepped += 1
                     _count_step(state, loss.item(), outcome, t, ctx, run_dir)
@@ -498,12 +503,15 @@ def log_epoch(writer, run_dir, state, loss, lr, result, names, speed, device):
     writer.add_scalar("train/lr", lr, state.epoch)
     if result is not None:
         per_class = ", ".join(f"{n} {d:.4f}" for n, d in zip(names[1:], result["class_dice"]))
-        log.info("epoch %d: validation mean Dice %.4f%s (best %.4f at epoch %s) | %s", state.epoch,
-                 result["mean_dice"], ", new best" if result["improved"] else "",
-                 state.best_metric if state.best_metric is not None else float("nan"), state.best_epoch, per_class)
+        log.info("epoch %d: validation mean Dice %.4f%s (best %.4f at epoch %s), mean HD95 %.2f mm | %s",
+                 state.epoch, result["mean_dice"], ", new best" if result["improved"] else "",
+                 state.best_metric if state.best_metric is not None else float("nan"), state.best_epoch,
+                 result["mean_hd95"], per_class)
         writer.add_scalar("val/mean_dice", result["mean_dice"], state.epoch)
-        for name, value in zip(names[1:], result["class_dice"]):
-            writer.add_scalar(f"val/dice_{name}", value, state.epoch)
+        writer.add_scalar("val/mean_hd95", result["mean_hd95"], state.epoch)
+        for name, dice, hd95 in zip(names[1:], result["class_dice"], result["class_hd95"]):
+            writer.add_scalar(f"val/dice_{name}", dice, state.epoch)
+            writer.add_scalar(f"val/hd95_{name}", hd95, state.epoch)
     writer.flush()
     plot_progress(state.history, run_dir / "progress.png")
 

@@ -77,13 +77,14 @@ def test_run_writes_every_output(data_dir, tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["trainer"] == cfg["trainer"] and saved["model"]["name"] == TINY
     text = (tmp_path / "train.log").read_text()
-    assert "epoch 2: loss" in text and "validation mean Dice" in text and "spleen" in text
+    assert "epoch 2: loss" in text and "validation mean Dice" in text and "mean HD95" in text and "spleen" in text
     assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "val/mean_dice", "val/dice_spleen", "val/dice_pancreas"} <= tags
+    assert {"train/loss", "train/lr", "val/mean_dice", "val/dice_spleen", "val/dice_pancreas", "val/mean_hd95",
+            "val/hd95_pancreas"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
 
     for name in ("checkpoint_latest.pt", "checkpoint_best.pt"):

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data
+import fileio
 import metrics
 import models
 import reports
@@ -173,6 +174,7 @@ def evaluate_run(cfg, run_dir, out_dir=None):
     found = [run_dir / name for name in RUN_CHECKPOINTS if (run_dir / name).is_file()]
     if not found:
         raise ConfigError(f"{run_dir}: no {' or '.join(RUN_CHECKPOINTS)} there (not a run folder?)")
+    fileio.check_writable(out_dir)  # before inference, not after it
     summaries = {path.stem: evaluate(cfg, path, out_dir / path.stem) for path in found}
     epochs = {path.stem: load_checkpoint(path).get("epoch") for path in found}
     table = format_side_by_side(summaries, epochs)

@@ -301,3 +301,15 @@ def test_reference_em_net_checkpoint_is_converted(tmp_path):
                     "depths": [2, 2, 2, 2], "fft_nums": [0, 0, 2, 2], "hidden_size": 64, "roi_size": [32, 32, 32]}
     model = evaluation.load_model(cfg, ref, torch.device("cpu"))
     torch.testing.assert_close(model.out.conv.conv.weight, sd["out.conv.conv.weight"])
+
+
+def test_run_folder_evaluation_checks_its_output_folder_before_loading_anything(tmp_path):
+    import fileio
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint_best.pt").write_bytes(b"not read: the output check comes first")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(fileio.OutputError, match=r"output folder .*a_file/eval is not writable"):
+        evaluation.evaluate_run({}, run, blocker / "eval")

@@ -90,20 +90,20 @@ def measure(name, window, device_name, warmup, repeats):
         with torch.no_grad():
             model(x)
 
+    def timed_with_peak(fn):
+        """(median seconds, peak MB while running `fn`)."""
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            reset_peak_rss()
+        seconds = timed(fn)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (status_kb("VmHWM") - rss0) / 1024
+        return seconds, peak
+
     model.eval()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_rss()
-    infer_s = timed(infer)
-    infer_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (status_kb("VmHWM") - rss0) / 1024)
+    infer_s, infer_mb = timed_with_peak(infer)
     model.train()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_rss()
-    train_s = timed(train_step)
-    train_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else (status_kb("VmHWM") - rss0) / 1024)
+    train_s, train_mb = timed_with_peak(train_step)
     return {"model": name, "params": params, "train_s": train_s, "infer_s": infer_s,
             "train_mb": train_mb, "infer_mb": infer_mb}
 

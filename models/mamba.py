@@ -81,21 +81,38 @@ class ScanDirection(nn.Module):
         )
 
 
-class BiMamba(nn.Module):
-    """Mamba over a token sequence read forwards and backwards; the two outputs are summed."""
+class MambaProjections(nn.Module):
+    """Mamba's projections around scans of their own: `in_proj` gives the input x and the gate z (each
+    (B, E, L), E = expand * C), one `ScanDirection` per name in `directions` (created in that order), and
+    `out_proj` maps their combined output back to C. Subclasses decide how the directions read the sequence."""
 
-    def __init__(self, dim, d_state=16, d_conv=4, expand=2):
+    def __init__(self, dim, directions, d_state=16, d_conv=4, expand=2):
         super().__init__()
         inner_dim = expand * dim
         dt_rank = math.ceil(dim / 16)
         self.in_proj = nn.Linear(dim, 2 * inner_dim, bias=False)
-        self.forward_scan = ScanDirection(inner_dim, d_state, d_conv, dt_rank)
-        self.backward_scan = ScanDirection(inner_dim, d_state, d_conv, dt_rank)
+        for name in directions:
+            self.add_module(name, ScanDirection(inner_dim, d_state, d_conv, dt_rank))
         self.out_proj = nn.Linear(inner_dim, dim, bias=False)
+
+    def project(self, tokens):
+        """tokens (B, L, C) -> x, z, each (B, E, L)."""
+        return self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)
+
+    def output(self, y):
+        """y (B, E, L) -> (B, L, C)."""
+        return self.out_proj(y.transpose(1, 2))
+
+
+class BiMamba(MambaProjections):
+    """Mamba over a token sequence read forwards and backwards; the two outputs are summed."""
+
+    def __init__(self, dim, d_state=16, d_conv=4, expand=2):
+        super().__init__(dim, ("forward_scan", "backward_scan"), d_state, d_conv, expand)
 
     def forward(self, tokens):
         """tokens: (B, L, C) -> (B, L, C)."""
-        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)
+        x, z = self.project(tokens)
         y_forward = self.forward_scan(x, z)
         y_backward = self.backward_scan(x.flip(-1), z.flip(-1)).flip(-1)
-        return self.out_proj((y_forward + y_backward).transpose(1, 2))
+        return self.output(y_forward + y_backward)

@@ -7,7 +7,6 @@ With `deep_supervision`, training mode returns the decoder's logits at every res
 first ([1, 1/2, 1/4, 1/8, 1/16]); eval mode returns the full-size logits alone. The segmentation heads
 exist either way, so checkpoints load whatever the setting.
 """
-import math
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -17,7 +16,7 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 
 from models.layers import to_grid, to_tokens
-from models.mamba import BiMamba, ScanDirection
+from models.mamba import BiMamba, MambaProjections
 from models.registry import register_model
 
 from .windows import check_roi_size
@@ -67,21 +66,17 @@ def nnunet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), features=FEA
     return NNUNet(in_channels, out_channels, features, deep_supervision)
 
 
-class Mamba(nn.Module):
+class Mamba(MambaProjections):
     """Mamba (Gu and Dao 2023) reading the sequence forwards only, as mamba-ssm's `Mamba`: BiMamba's
     projections around a single scan direction, on this project's scan backends."""
 
     def __init__(self, dim, d_state=16, d_conv=4, expand=2):
-        super().__init__()
-        inner_dim = expand * dim
-        self.in_proj = nn.Linear(dim, 2 * inner_dim, bias=False)
-        self.forward_scan = ScanDirection(inner_dim, d_state, d_conv, dt_rank=math.ceil(dim / 16))
-        self.out_proj = nn.Linear(inner_dim, dim, bias=False)
+        super().__init__(dim, ("forward_scan",), d_state, d_conv, expand)
 
     def forward(self, tokens):
         """tokens: (B, L, C) -> (B, L, C)."""
-        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)
-        return self.out_proj(self.forward_scan(x, z).transpose(1, 2))
+        x, z = self.project(tokens)
+        return self.output(self.forward_scan(x, z))
 
 
 class MambaLayer(nn.Module):

@@ -9,13 +9,12 @@ the sum over the reference's layer shapes worked out independently in tests/test
 encoder 15,668,688 (GSC blocks 10,969,920, ToM layers 3,121,920, skip MLPs 785,520, stem and
 downsamplings 791,328) and the decoder 51,694,329, which UX-Net shares and which its exact count checks.
 """
-import math
 
 from monai.networks.blocks import Convolution
 from torch import nn
 
 from models.layers import ConvMLP, to_grid, to_tokens
-from models.mamba import ScanDirection
+from models.mamba import MambaProjections
 from models.registry import register_model
 
 from .uxnet import UNETRStyleDecoder, check_four_stages, check_input_window, validated_roi
@@ -34,31 +33,24 @@ def from_slice_order(seq, num_slices):
     return seq.reshape(batch, channels, length // num_slices, num_slices).transpose(2, 3).reshape(batch, channels, length)
 
 
-class TriOrientedMamba(nn.Module):
+class TriOrientedMamba(MambaProjections):
     """SegMamba's Mamba: one input and one output projection shared by three scans of their own
     (convolution, x/dt projections, A, D each): forward, backward, and across slices. The three outputs
     are summed in token order before the output projection."""
 
     def __init__(self, dim, d_state=16, d_conv=4, expand=2):
-        super().__init__()
-        inner_dim = expand * dim
-        dt_rank = math.ceil(dim / 16)
-        self.in_proj = nn.Linear(dim, 2 * inner_dim, bias=False)
-        self.forward_scan = ScanDirection(inner_dim, d_state, d_conv, dt_rank)
-        self.backward_scan = ScanDirection(inner_dim, d_state, d_conv, dt_rank)
-        self.slice_scan = ScanDirection(inner_dim, d_state, d_conv, dt_rank)
-        self.out_proj = nn.Linear(inner_dim, dim, bias=False)
+        super().__init__(dim, ("forward_scan", "backward_scan", "slice_scan"), d_state, d_conv, expand)
 
     def forward(self, tokens, num_slices):
         """tokens: (B, L, C), L a multiple of num_slices -> (B, L, C)."""
         if tokens.shape[1] % num_slices:
             raise ValueError(f"SegMamba: {tokens.shape[1]} tokens do not split into {num_slices} slices")
-        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)
+        x, z = self.project(tokens)
         y = self.forward_scan(x, z)
         y = y + self.backward_scan(x.flip(-1), z.flip(-1)).flip(-1)
         across = self.slice_scan(to_slice_order(x, num_slices), to_slice_order(z, num_slices))
         y = y + from_slice_order(across, num_slices)
-        return self.out_proj(y.transpose(1, 2))
+        return self.output(y)
 
 
 class ToMLayer(nn.Module):

@@ -11,11 +11,13 @@ non-finite steps are skipped (trainer.max_nonfinite_steps in a row stop the run,
 continues bit-identically: the data stream is a function of the step count (data/loaders.py) and the
 checkpoint holds every rank's random streams.
 """
+import gc
 import logging
 import math
 import signal
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,13 +125,27 @@ def run(cfg, run_dir, resume=None):
             result = _train(cfg, run_dir, resume, ctx, stop)
         finished = True
         return result
+    except BaseException as err:
+        if ctx.world_size > 1:
+            traceback.clear_frames(err.__traceback__)  # they hold the DDP model: see _release_process_group
+        raise
     finally:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
-        distributed.cleanup()
+        _release_process_group(ctx)
         if not finished and resume is None and ctx.is_main:
             _discard_unstarted_run(run_dir)
+
+
+def _release_process_group(ctx):
+    """Free the DDP model before the process group. DDP's reducer holds the group too, and if the reducer
+    dropped the last reference, gloo's destructor would join its worker threads with the GIL held while a
+    worker waits for the GIL to free a finished collective's tensors: a hang at exit (seen when one rank was
+    stopped by SIGTERM). Freed through its Python handle instead, the group is destroyed without the GIL."""
+    if ctx.world_size > 1:
+        gc.collect()  # DDP keeps reference cycles
+    distributed.cleanup()
 
 
 def _train(cfg, run_dir, resume, ctx, stop):

@@ -289,14 +289,32 @@ def count_flops(cfg, counter="ours"):
 
 
 def _check_counter(counter):
-    if counter == "calflops":
-        try:
-            import calflops  # noqa: F401
-        except Exception as err:  # noqa: BLE001  (missing, or a broken install such as a mismatched torchvision)
-            from models.complexity import CALFLOPS_INSTALL
+    if counter != "calflops":
+        return
+    from models.complexity import CALFLOPS_INSTALL, TORCHVISION_CPU_INSTALL
 
-            raise ConfigError(f"--counter calflops needs calflops and transformers, which do not import here "
-                              f"({type(err).__name__}: {err}); install them with: {CALFLOPS_INSTALL}") from None
+    # calflops imports timm, which needs torchvision. pip's torchvision is built for the CUDA torch and fails
+    # to import beside torch+cpu with a RuntimeError, which no reinstall of calflops mends.
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as err:  # noqa: BLE001  (a RuntimeError from its operator registrations)
+            from importlib.metadata import version
+
+            import torch
+
+            installed = version("torchvision").split("+")[0]  # no local build label (+cu128)
+            raise ConfigError(f"--counter calflops: calflops imports timm, which needs torchvision, and torchvision "
+                              f"{installed} does not load with torch {torch.__version__} ({type(err).__name__}: "
+                              f"{err}); with a CPU-only torch, install torchvision's CPU build: "
+                              f"{TORCHVISION_CPU_INSTALL.format(version=installed)}") from None
+    try:
+        import calflops  # noqa: F401
+    except Exception as err:  # noqa: BLE001  (missing, or a broken dependency)
+        raise ConfigError(f"--counter calflops needs calflops and transformers, which do not import here "
+                          f"({type(err).__name__}: {err}); install them with: {CALFLOPS_INSTALL}") from None
 
 
 def cmd_flops(args):

@@ -48,6 +48,8 @@ def count_flops(model, example_input):
 
 
 CALFLOPS_INSTALL = "pip install -r requirements-flops.txt"
+# {version}: the torchvision pip chose for this torch
+TORCHVISION_CPU_INSTALL = "pip install torchvision=={version} --index-url https://download.pytorch.org/whl/cpu"
 
 
 def calflops_counts(model, example_input):

@@ -3,7 +3,10 @@ synthetic phantoms, then `main.py test` on the checkpoint it wrote; and `flops -
 model. EM-Net itself is covered by test_main_job.py. The CLI runs in this process (main.cli, the function
 `python main.py` calls) to save a Python start-up per command."""
 import csv
+import importlib.abc
+import importlib.util
 import shutil
+import sys
 
 import pytest
 import torch
@@ -107,9 +110,39 @@ def test_flops_all_lists_every_registered_model(tmp_path, monkeypatch, capsys, m
 
 
 def test_calflops_counter_without_calflops_is_a_one_line_error(monkeypatch, capsys):
-    monkeypatch.setitem(__import__("sys").modules, "calflops", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "calflops", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # the same: a broken one is the next test's case
     with pytest.raises(SystemExit) as exit_info:
         main.cli(["flops", "--all", "--counter", "calflops"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "pip install -r requirements-flops.txt" in err
+
+
+class _TorchvisionBuiltForAnotherTorch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports `torchvision` as pip's CUDA build does beside torch+cpu: its operator registrations fail."""
+
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "torchvision" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+
+def test_calflops_counter_with_a_torchvision_that_does_not_load_says_which_build_to_install(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith(("torchvision.", "calflops", "timm"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_TorchvisionBuiltForAnotherTorch(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exit_info:
+        main.cli(["flops", "--counter", "calflops"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    installed = version("torchvision").split("+")[0]
+    assert (f"torchvision {installed} does not load with torch {torch.__version__} (RuntimeError: operator "
+            f"torchvision::nms does not exist)") in err
+    assert err.endswith(f"pip install torchvision=={installed} --index-url https://download.pytorch.org/whl/cpu\n")

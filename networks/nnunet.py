@@ -136,7 +136,9 @@ def umamba_bot(in_channels=1, out_channels=9, roi_size=(128, 128, 128), features
 @register_model("umamba_enc")
 def umamba_enc(in_channels=1, out_channels=9, roi_size=(128, 128, 128), features=FEATURES, deep_supervision=False):
     """U-Mamba Enc: a forward Mamba layer after every encoder stage but the bottleneck, 59,010,157
-    parameters at the paper's settings. The comparison gives 59,519,533, which no variant of this
-    (Mamba at the bottleneck too, on voxels or channels as U-Mamba's code does, bidirectional) reproduces."""
+    parameters at the paper's settings. The comparison gives 59,519,533, which no variant reproduces:
+    1-3 blocks per encoder stage and 1-2 per decoder stage, U-Mamba's own block layout, forward or
+    bidirectional Mamba or Mamba-2, with or without the LayerNorm, on any set of stages, on voxels or (as
+    U-Mamba's code does where a map has fewer voxels than channels) on channels."""
     _check("umamba_enc", roi_size, features)
     return UMamba(in_channels, out_channels, features, range(len(features) - 1), False, deep_supervision)

@@ -178,8 +178,8 @@ def evaluate_run(cfg, run_dir, out_dir=None):
     summaries = {path.stem: evaluate(cfg, path, out_dir / path.stem) for path in found}
     epochs = {path.stem: load_checkpoint(path).get("epoch") for path in found}
     table = format_side_by_side(summaries, epochs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "best_vs_latest.txt").write_text(table + "\n")
+    with fileio.atomic_path(out_dir / "best_vs_latest.txt", ".txt") as tmp:
+        Path(tmp).write_text(table + "\n")
     print()
     print(table)
     return summaries

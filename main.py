@@ -11,6 +11,7 @@
 """
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -295,8 +296,6 @@ def _check_counter(counter):
 
     # calflops imports timm, which needs torchvision. pip's torchvision is built for the CUDA torch and fails
     # to import beside torch+cpu with a RuntimeError, which no reinstall of calflops mends.
-    import importlib.util
-
     if importlib.util.find_spec("torchvision") is not None:
         try:
             import torchvision  # noqa: F401

@@ -6,6 +6,7 @@ mapped back to each image's original geometry and compared there with the origin
 predict(cfg, checkpoint, inputs, out_dir): segmentations of unlabelled NIfTI files, in their own geometry.
 """
 import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,75 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 import data
-import fileio
 import metrics
-import models
 import reports
-from checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from config import ConfigError, model_kwargs
+from core import fileio
+from core.distributed import resolve_device
+from core.errors import ConfigError
+from core.rundir import RunDir
 from data.preflight import check_images
-from distributed import resolve_device
-from inference import infer_volume
-from models.em_net import convert_reference_state_dict
-from models.selective_scan import set_scan_backend
+from engine.inference import SlidingWindow, infer_volume
+from engine.network import load_network
 
-# Deep-supervision heads exist only in training; a model built without them has no such keys.
-DEEP_SUPERVISION_PREFIX = "deep_supervision_heads."
-REFERENCE_PREFIX = "mamba_encoder."  # keys of the reference EM-Net implementation
-
-
-# ---- model ------------------------------------------------------------------------------------------------
-
-def load_model(cfg, checkpoint_path, device):
-    """Build cfg's model without deep supervision, load the checkpoint strictly, eval mode, on `device`."""
-    checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise ConfigError(f"checkpoint not found: {checkpoint_path}")
-    try:
-        set_scan_backend(cfg["trainer"]["scan_backend"])
-    except ValueError as err:
-        raise ConfigError(f"trainer.scan_backend: {err}") from None
-    ckpt = load_checkpoint(checkpoint_path)
-    name = cfg["model"]["name"]
-    kwargs = model_kwargs(cfg)
-    if "deep_supervision" in models.model_defaults(name):
-        kwargs["deep_supervision"] = False
-    try:
-        model = models.build_model(name, **kwargs)
-    except (ValueError, TypeError) as err:  # e.g. an EM-Net window not divisible by 32: a config error
-        raise ConfigError(f"model {name!r} cannot be built from the model section: {err}") from None
-
-    state_dict = ckpt["state_dict"]
-    if name == "em-net" and any(k.removeprefix("module.").startswith(REFERENCE_PREFIX) for k in state_dict):
-        state_dict = convert_reference_state_dict(state_dict)
-    state_dict = {k: v for k, v in state_dict.items()
-                  if not k.removeprefix("module.").startswith(DEEP_SUPERVISION_PREFIX)}
-    try:
-        load_model_weights(model, state_dict, checkpoint_path)
-    except CheckpointError as err:
-        hint = _model_config_difference(ckpt.get("config"), cfg)
-        raise CheckpointError(f"{err}{hint}") from None
-    return model.to(device).eval()
-
-
-def _model_config_difference(saved_cfg, cfg):
-    """'; the checkpoint was trained with model.x = ...' when its saved model section differs from cfg's."""
-    saved = saved_cfg.get("model") if isinstance(saved_cfg, dict) else None
-    if not isinstance(saved, dict):
-        return ""
-    ours = cfg["model"]
-    keys = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
-    if not keys:
-        return ""
-    shown = ", ".join(f"model.{k} = {saved.get(k)!r} (here {ours.get(k)!r})" for k in keys[:5])
-    return f"; the checkpoint was trained with {shown}"
-
-
-def resolve_inference_device(cfg):
-    try:
-        return resolve_device(cfg["trainer"]["device"])
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+APPLEDOUBLE_PREFIX = "._"  # macOS metadata files beside the images on foreign file systems, not images
 
 
 # ---- inference --------------------------------------------------------------------------------------------
@@ -96,9 +39,10 @@ def _case_name(path):
 
 def _segment(model, batch, cfg, device):
     """Label map of one loader batch in the original image geometry (int numpy array)."""
-    probs = infer_volume(model, batch["image"].to(device), cfg)
+    window = SlidingWindow.from_config(cfg["inference"], cfg["model"]["roi_size"], cfg["trainer"]["amp"])
+    probs = infer_volume(model, batch["image"].to(device), window)
     pred = probs.argmax(dim=1).cpu()
-    return data.invert_prediction(pred, batch, cfg)
+    return data.invert_prediction(pred, batch, cfg["data"])
 
 
 def _load_label(path, num_classes, shape):
@@ -122,13 +66,13 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
     with the label file as stored, with that file's voxel spacing for HD95.
     """
     split = split or cfg["inference"]["split"]
-    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval" / Path(checkpoint).stem
-    device = resolve_inference_device(cfg)
-    model = load_model(cfg, checkpoint, device)
-    names = data.class_names(cfg)
+    out_dir = Path(out_dir) if out_dir is not None else RunDir.of_checkpoint(checkpoint).eval_dir(checkpoint)
+    device = resolve_device(cfg["trainer"]["device"])
+    model, trained = load_network(cfg, checkpoint, device)
     num_classes = cfg["model"]["out_channels"]
+    names = data.class_names(cfg["data"], num_classes)
 
-    cases = data.read_datalist(cfg)[split]
+    cases = data.read_datalist(cfg["data"], num_classes)[split]
     unlabelled = [e["image"] for e in cases if "label" not in e]
     if unlabelled:
         raise ConfigError(f"evaluation needs labels; {unlabelled[0]} in the {split!r} list has none "
@@ -137,7 +81,7 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
     twice = sorted({n for n in case_names if case_names.count(n) > 1})
     if twice:
         raise ConfigError(f"two {split!r} images are named {twice[0]}; case names must be unique")
-    loader = data.make_eval_loader(cfg, split)
+    loader = data.make_eval_loader(cfg["data"], num_classes, split)
 
     rows = []
     progress = tqdm(zip(case_names, cases, loader), total=len(cases), desc=f"evaluate {split}", unit="case")
@@ -153,7 +97,7 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
             image = np.asanyarray(nib.load(entry["image"]).dataobj).reshape(pred.shape)
             reports.save_overlay_png(image, gt, pred, out_dir / "overlays" / f"{case}.png")
 
-    summary = reports.summarize(rows, names)
+    summary = {**reports.summarize(rows, names), "split": split, "checkpoint": {"path": str(checkpoint), **trained}}
     reports.write_metrics_csv(rows, out_dir / "metrics.csv")
     reports.write_summary_json(summary, out_dir / "summary.json")
     print(f"{cfg['model']['name']} on {cfg['data']['name']} ({split}), checkpoint {checkpoint}")
@@ -162,62 +106,44 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
     return summary
 
 
-RUN_CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_latest.pt")
-
-
 def evaluate_run(cfg, run_dir, out_dir=None):
     """Evaluate both checkpoints of a run folder, best and latest, each into <out_dir>/<checkpoint name>/
     (default <run_dir>/eval), and print their scores side by side (also written to <out_dir>/best_vs_latest.txt):
     papers differ on which of the two they report. Returns {checkpoint name: summary}."""
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
-    found = [run_dir / name for name in RUN_CHECKPOINTS if (run_dir / name).is_file()]
+    run = RunDir(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run.eval_root
+    found = run.checkpoints()
     if not found:
-        raise ConfigError(f"{run_dir}: no {' or '.join(RUN_CHECKPOINTS)} there (not a run folder?)")
+        raise ConfigError(f"{run.path}: no {' or '.join(RunDir.CHECKPOINTS)} there (not a run folder?)")
     fileio.check_writable(out_dir)  # before inference, not after it
-    summaries = {path.stem: evaluate(cfg, path, out_dir / path.stem) for path in found}
-    epochs = {path.stem: load_checkpoint(path).get("epoch") for path in found}
-    table = format_side_by_side(summaries, epochs)
-    with fileio.atomic_path(out_dir / "best_vs_latest.txt", ".txt") as tmp:
+    summaries, epochs = {}, {}
+    for path in found:
+        summaries[path.stem] = evaluate(cfg, path, out_dir / path.stem)
+        epochs[path.stem] = summaries[path.stem]["checkpoint"]["epoch"]
+    table = reports.format_side_by_side(summaries, epochs)
+    with fileio.atomic_path(out_dir / RunDir.BEST_VS_LATEST, ".txt") as tmp:
         Path(tmp).write_text(table + "\n")
     print()
     print(table)
     return summaries
 
 
-def format_side_by_side(summaries, epochs):
-    """One line per class with Dice % and HD95 mm of each checkpoint next to each other, then the means."""
-    names = list(summaries)
-    heads = [f"{n.removeprefix('checkpoint_')} (epoch {epochs[n]})" for n in names]
-    classes = list(summaries[names[0]]["per_class"])
-    width = max(len("class"), len("mean"), *(len(c) for c in classes))
-    col = max(len("Dice %"), *(len(h) for h in heads))
-    lines = [f"{'':<{width}}  " + "  ".join(f"{'Dice %':>{col}}" for _ in names) + "  "
-             + "  ".join(f"{'HD95 mm':>{col}}" for _ in names),
-             f"{'class':<{width}}  " + "  ".join(f"{h:>{col}}" for h in heads * 2)]
-    lines.append("-" * len(lines[1]))
-    rows = [(c, [summaries[n]["per_class"][c]["dice_mean"] for n in names],
-             [summaries[n]["per_class"][c]["hd95_mean"] for n in names]) for c in classes]
-    rows.append(("mean", [summaries[n]["mean_dice"] for n in names], [summaries[n]["mean_hd95"] for n in names]))
-    for i, (name, dices, hds) in enumerate(rows):
-        if i == len(rows) - 1:
-            lines.append("-" * len(lines[1]))
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * d:>{col}.2f}" for d in dices) + "  "
-                     + "  ".join(f"{h:>{col}.2f}" for h in hds))
-    return "\n".join(lines)
-
-
 # ---- prediction -------------------------------------------------------------------------------------------
 
 def _nifti_inputs(inputs):
-    """NIfTI files from a file, a folder of them, or a list of either."""
+    """NIfTI files from a file, a folder of them, or a list of either. In a folder, macOS AppleDouble files
+    (._name.nii.gz) are metadata, not images: skipped with a note."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths = []
-    for item in inputs:
-        item = Path(item)
+    for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+            skipped = [p.name for p in found if p.name.startswith(APPLEDOUBLE_PREFIX)]
+            if skipped:
+                print(f"skipped {len(skipped)} macOS AppleDouble file(s) in {item}: {', '.join(skipped[:3])}"
+                      f"{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
+            found = [p for p in found if not p.name.startswith(APPLEDOUBLE_PREFIX)]
             if not found:
                 raise ConfigError(f"no NIfTI files (.nii, .nii.gz) in folder {item}")
             paths.extend(found)
@@ -236,10 +162,10 @@ def predict(cfg, checkpoint, inputs, out_dir):
     """Segment unlabelled NIfTI images (a file, a folder or a list); writes <out_dir>/<case>.nii.gz in each
     input's geometry (shape and affine) and returns the written paths."""
     paths = _nifti_inputs(inputs)
-    check_images(cfg, paths)  # readable, 3D, finite: a NaN voxel would give an all-background mask
-    device = resolve_inference_device(cfg)
-    model = load_model(cfg, checkpoint, device)
-    loader = data.make_predict_loader(cfg, paths)
+    check_images(paths, cfg["model"]["in_channels"])  # readable, intact, 3D, finite: NaN gives an empty mask
+    device = resolve_device(cfg["trainer"]["device"])
+    model, _ = load_network(cfg, checkpoint, device)
+    loader = data.make_predict_loader(cfg["data"], paths)
     written = []
     for path, batch in tqdm(zip(paths, loader), total=len(paths), desc="predict", unit="image"):
         pred = _segment(model, batch, cfg, device)
@@ -247,9 +173,8 @@ def predict(cfg, checkpoint, inputs, out_dir):
     return written
 
 
-if __name__ == "__main__":
-    import sys
+if __name__ == "__main__":  # python test.py ... is python main.py test ...
+    import runpy
 
-    import main
-
-    main.cli(sys.argv[1:], default_command="test")
+    sys.argv = [str(Path(__file__).with_name("main.py")), "test", *sys.argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -19,14 +19,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rss import reset_peak_rss, status_kb  # bench/ is this script's folder, first on sys.path
+from machine import describe as describe_machine  # bench/ is this script's folder, first on sys.path
+from rss import reset_peak_rss, status_kb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -132,19 +132,6 @@ def load_average():
     return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def machine_description(device):
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    text = (f"{os.cpu_count()} logical CPUs ({cpu}), {memory_gib:.0f} GiB RAM, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
-    if device.startswith("cuda"):
-        text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return text
-
-
 def ratio(row, ref, key):
     if key not in row or ref is None or key not in ref:
         return "-"
@@ -193,20 +180,20 @@ def main():
     if unknown:
         parser.error(f"unknown models {unknown}; registered: {', '.join(models.list_models())}")
     names = sorted(names, key=lambda n: (n != REFERENCE, n))
-    started, load_before = datetime.datetime.now(datetime.timezone.utc), load_average()
+    started, machine = datetime.datetime.now(datetime.timezone.utc), describe_machine(args.device)
     print(f"benchmarking {len(names)} models at {args.window}^3 on {args.device} ...", file=sys.stderr, flush=True)
     rows = [run_worker(name, args) for name in names]
     load_after = load_average()
     table = format_table(rows)
     header = (f"`python bench/bench_models.py --device {args.device} --window {args.window} --repeats {args.repeats}`, "
               f"{started:%Y-%m-%d %H:%M} UTC, batch 1, window {args.window}^3, 1 input channel, 9 classes. "
-              f"Machine: {machine_description(args.device)}. Load average (1/5/15 min) {load_before} at the start, "
-              f"{load_after} at the end.")
+              f"Machine at the start: {machine}. Load average (1/5/15 min) at the end {load_after}.")
     print(header)
     print(table)
     if args.append:
         with open(args.output, "a") as f:
-            f.write(f"\n### {args.device}, window {args.window}^3, {started:%Y-%m-%d %H:%M} UTC\n\n{header}\n\n{table}\n")
+            heading = f"### {args.device}, window {args.window}^3, {started:%Y-%m-%d %H:%M} UTC"
+            f.write(f"\n{heading}\n\n{header}\n\n{table}\n")
         print(f"appended to {args.output}", file=sys.stderr)
 
 

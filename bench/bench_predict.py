@@ -15,7 +15,6 @@ The segmentations of the settings are compared voxel by voxel.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from machine import describe as describe_machine  # bench/ is this script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,7 +53,7 @@ def make_checkpoint(folder):
 
     import config
     import models
-    from checkpoint import save_checkpoint
+    from core.checkpoint import save_checkpoint
 
     cfg = config.resolve_config("synapse", "em_net", overrides=["trainer.device=cpu"])
     torch.manual_seed(0)
@@ -116,16 +116,6 @@ def run_predict(checkpoint, image, out_dir, sw_batch_size):
             "peak_tree_rss_mib": round(peak_tree[0] / 2**20)}
 
 
-def machine():
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    memory = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return (f"{cpu}, {os.cpu_count()} cores, {memory / 2**20:.0f} GiB RAM, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load average at start {os.getloadavg()[0]:.1f}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_predict"))
@@ -136,7 +126,7 @@ def main():
     if not image.is_file():
         make_volume(image)
     checkpoint = make_checkpoint(args.workdir / "run")
-    print(machine(), flush=True)
+    print(describe_machine(), flush=True)
 
     results, segmentations = [], {}
     for n in args.sw_batch_sizes:

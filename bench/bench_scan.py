@@ -15,14 +15,14 @@ runs in a fresh process, so the peak is not hidden by memory an earlier method f
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from rss import reset_peak_rss, status_kb  # bench/ is this script's folder, first on sys.path
+from machine import describe as describe_machine  # bench/ is this script's folder, first on sys.path
+from rss import reset_peak_rss, status_kb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models.selective_scan as ss  # noqa: E402
@@ -130,16 +130,6 @@ def measure_in_subprocess(label, length, repeats):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def machine_description():
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:12]
-    import numba
-    lines = [*lscpu, f"cores visible: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
-             f"numba threads: {numba.get_num_threads()}",
-             f"python {platform.python_version()}, torch {torch.__version__}, numba {numba.__version__}",
-             f"load average at start: {os.getloadavg()}"]
-    return "\n".join(lines)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
@@ -155,7 +145,7 @@ def main():
         print(json.dumps(measure(_method(label), int(length), int(repeats))))
         return
 
-    print(machine_description())
+    print(describe_machine())
     backends = [name for name in ss.available_scan_backends() if name != "cuda"]
     print("\n| L | method | fwd s | fwd+bwd s | peak RSS MB | saved MB | fwd+bwd: x pscan | x loop |")
     print("|---|---|---|---|---|---|---|---|")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.selective_scan import available_scan_backends, set_scan_backend, selective_scan  # noqa: E402
+from models.selective_scan import available_scan_backends, selective_scan, set_scan_backend  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -1,5 +1,8 @@
-"""Data room: dataset lists, transforms, loaders, synthetic phantoms and geometry inversion."""
-from .datalist import DataConfigError, class_names, read_datalist
+"""Data room: dataset lists, pre-flight checks, transforms, loaders, synthetic phantoms, geometry inversion,
+and (never imported by training) `prepare`. Knows nothing of models."""
+from core.errors import DataConfigError
+
+from .datalist import class_names, read_datalist
 from .geometry import invert_prediction, save_segmentation
 from .loaders import make_eval_loader, make_predict_loader, make_train_loader
 from .synthetic import ensure_synthetic_dataset, generate_synthetic_dataset

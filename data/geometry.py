@@ -8,6 +8,8 @@ from monai.data import MetaTensor, decollate_batch
 from monai.transforms import Invertd
 from monai.utils import TraceKeys
 
+from core.fileio import atomic_path
+
 from .transforms import eval_transforms
 
 
@@ -22,9 +24,10 @@ def _single(batch):
     return dict(batch)
 
 
-def invert_prediction(pred, batch, cfg):
+def invert_prediction(pred, batch, d):
     """Label map `pred` (1, H, W, D) in preprocessed space -> int numpy array (H0, W0, D0) in the original image
-    geometry, undoing eval_transforms (crop, spacing, orientation) recorded on batch["image"]."""
+    geometry, undoing eval_transforms of the data section `d` (crop, spacing, orientation) recorded on
+    batch["image"]."""
     item = _single(batch)
     if not isinstance(item["image"], MetaTensor) or not item["image"].applied_operations:
         raise ValueError("batch['image'] carries no applied transforms; it must come from eval_transforms")
@@ -41,7 +44,7 @@ def invert_prediction(pred, batch, cfg):
     reference = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=_without_ids(image.applied_operations))
     inverter = Invertd(
         keys="pred",
-        transform=eval_transforms(cfg, with_label="label" in item),
+        transform=eval_transforms(d, with_label="label" in item),
         orig_keys="image",
         nearest_interp=True,
         to_tensor=True,
@@ -90,6 +93,7 @@ def save_segmentation(array, batch_or_meta, path):
     img = nib.Nifti1Image(array.astype(dtype), _affine(batch_or_meta))
     img.set_data_dtype(dtype)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # nibabel picks the format from it
+    with atomic_path(path, suffix) as tmp:
+        nib.save(img, tmp)
     return path

@@ -14,12 +14,13 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from torch.utils.data import Sampler
 
-from .datalist import DataConfigError, read_datalist
+from core.errors import DataConfigError
+
+from .datalist import read_datalist
 from .transforms import eval_transforms, train_transforms
 
 
-def _dataset(cfg, items, transform, progress):
-    d = cfg["data"]
+def _dataset(d, items, transform, progress):
     return CacheDataset(
         data=items,
         transform=transform,
@@ -95,24 +96,25 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_train_loader(cfg, rank=0, world_size=1):
-    """Shuffled loader of random crops; each batch holds trainer.batch_size volumes x data.num_samples crops.
+def make_train_loader(d, num_classes, roi_size, batch_size, seed, rank=0, world_size=1):
+    """Shuffled loader of random crops of the data section `d`'s training list; each batch holds
+    `batch_size` volumes x data.num_samples crops of `roi_size`.
 
     Its sampler is a `TrainSampler`: `loader.sampler.start(pass, position)` sets where the next pass begins.
     """
-    items = read_datalist(cfg)["training"]
-    seed = cfg["trainer"]["seed"]
-    dataset = SeededDraws(_dataset(cfg, items, train_transforms(cfg), progress=rank == 0), seed, rank)
+    items = read_datalist(d, num_classes)["training"]
+    transform = train_transforms(d, roi_size, num_classes)
+    dataset = SeededDraws(_dataset(d, items, transform, progress=rank == 0), seed, rank)
     return DataLoader(
         dataset,
-        batch_size=cfg["trainer"]["batch_size"],
+        batch_size=batch_size,
         sampler=TrainSampler(len(items), seed, rank, world_size),
-        num_workers=cfg["data"]["num_workers"],
+        num_workers=d["num_workers"],
         worker_init_fn=_ignore_stop_signals,
         # Workers kept across passes: no fork per pass, and each one's warnings (e.g. MONAI's "no available
         # indices of class k") appear once instead of once a pass. Their copies of the transforms are
         # reseeded before every draw, so keeping them changes no result.
-        persistent_workers=cfg["data"]["num_workers"] > 0,
+        persistent_workers=d["num_workers"] > 0,
         # Its own generator: otherwise each new pass's iterator, and MONAI's DataLoader at construction
         # (which re-seeds the global generator), would draw from the torch RNG the model's dropout uses.
         generator=torch.Generator().manual_seed(seed),
@@ -120,25 +122,25 @@ def make_train_loader(cfg, rank=0, world_size=1):
     )
 
 
-def make_eval_loader(cfg, split):
+def make_eval_loader(d, num_classes, split):
     """Whole preprocessed volumes of `split` ("validation" or "test"), batch 1, with labels when all have one."""
     if split not in ("validation", "test"):
         raise DataConfigError(f"split must be 'validation' or 'test', got {split!r}")
-    items = read_datalist(cfg)[split]
+    items = read_datalist(d, num_classes)[split]
     if not items:
-        raise DataConfigError(f"{cfg['data']['data_dir']}: the {split!r} list is empty")
+        raise DataConfigError(f"{d['data_dir']}: the {split!r} list is empty")
     with_label = all("label" in e for e in items)
     if not with_label:
         items = [{"image": e["image"]} for e in items]
     return DataLoader(
-        _dataset(cfg, items, eval_transforms(cfg, with_label=with_label), progress=False),
+        _dataset(d, items, eval_transforms(d, with_label=with_label), progress=False),
         batch_size=1,
         shuffle=False,
-        num_workers=cfg["data"]["num_workers"],
+        num_workers=d["num_workers"],
     )
 
 
-def make_predict_loader(cfg, image_paths):
+def make_predict_loader(d, image_paths):
     """Loader of unlabelled images (batch 1), preprocessed like evaluation; not cached, each is read once."""
     items = []
     for p in image_paths:
@@ -149,8 +151,8 @@ def make_predict_loader(cfg, image_paths):
     if not items:
         raise DataConfigError("no image paths given to predict")
     return DataLoader(
-        Dataset(items, transform=eval_transforms(cfg, with_label=False)),
+        Dataset(items, transform=eval_transforms(d, with_label=False)),
         batch_size=1,
         shuffle=False,
-        num_workers=cfg["data"]["num_workers"],
+        num_workers=d["num_workers"],
     )

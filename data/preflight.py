@@ -1,38 +1,54 @@
 """Pre-flight of a data set before any model is built: every case is opened once, and all problems are
 reported together, one line each, naming the list, index, file and reason.
 
-Checked: the image is a readable NIfTI, 3D (or 4D with data.in_channels volumes); its label has the same
-shape and the same affine (within AFFINE_TOLERANCE_MM), and integer values in 0..out_channels-1; the image
-intensities are finite (with data.check_intensities, which reads the voxels). Headers are read for every
-file; voxel data only where a check needs it, and what was learnt from it is cached per file (path, size,
-modification time) in <data_dir>/.preflight_cache.json, so a repeated run reads only new or changed files.
+Checked: every listed file exists; the image is a readable NIfTI whose compressed stream is intact to its
+end (gzip's CRC and length: nibabel reads only the bytes it needs, so bytes changed in the middle would
+otherwise decode to wrong voxels without a word); 3D (or 4D with model.in_channels volumes); finite
+intensities (with data.check_intensities); its label has the same shape and affine (within
+AFFINE_TOLERANCE_MM), an intact stream and integer values in 0..out_channels-1. What was learnt from a
+file's voxels is cached per file (path, size, modification time) in <data_dir>/.preflight_cache.json, so a
+repeated run reads only new or changed files.
 """
+import gzip
 import json
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from fileio import atomic_path
+from core.fileio import atomic_path
 
-from .datalist import SHOWN, DataConfigError, read_datalist
+from .datalist import collect_datalist, problem_report
 
 AFFINE_TOLERANCE_MM = 1e-3  # image and label affines may differ by float rounding, not by a voxel shift
 CACHE_NAME = ".preflight_cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: facts come from streams read to their end
 
 
-def _file_key(path):
-    st = os.stat(path)
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+def read_verified(path):
+    """A NIfTI image read from its whole file: a .gz stream is decompressed to its end, so that gzip's CRC
+    and length checks run. Raises ValueError with a short reason for a corrupt or unreadable file."""
+    path = os.fspath(path)
+    if not path.endswith(".gz"):
+        return nib.load(path)
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile (CRC, length) is an OSError
+        raise ValueError(f"compressed data corrupt or truncated ({_first_line(err)})") from None
+    try:
+        return nib.Nifti1Image.from_bytes(raw)
+    except Exception:  # noqa: BLE001  (not NIfTI-1: try NIfTI-2, whose errors are reported)
+        return nib.Nifti2Image.from_bytes(raw)
 
 
 def _voxel_facts(path, kind):
-    """Reads the voxels: for a label its distinct values (and whether all are integers), for an image
+    """Reads the whole file: for a label its distinct values (and whether all are integers), for an image
     whether every value is finite."""
-    array = np.asanyarray(nib.load(path).dataobj)
+    array = np.asanyarray(read_verified(path).dataobj)
     if kind == "label":
         values = np.unique(array)
         return {"integer": bool(np.all(np.mod(values, 1) == 0)) if np.issubdtype(values.dtype, np.floating)
@@ -54,7 +70,8 @@ class _Cache:
                 self.entries = {}  # an unreadable cache is rebuilt
 
     def facts(self, path, kind):
-        key = f"{kind}|{_file_key(path)}"
+        st = os.stat(path)
+        key = f"{kind}|{path}|{st.st_size}|{st.st_mtime_ns}"
         if key not in self.entries:
             self.entries[key] = _voxel_facts(path, kind)
             self.changed = True
@@ -84,48 +101,54 @@ def _first_line(err):
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def check_case(image, label, in_channels, out_channels, check_intensities, cache):
-    """Problems of one case (a list of reasons; empty when the case is usable)."""
-    problems = []
+def _facts(cache, path, kind):
+    """(facts, None) or (None, reason) when the voxel data cannot be read to the end."""
+    try:
+        return cache.facts(path, kind), None
+    except Exception as err:  # noqa: BLE001  (zlib, gzip and nibabel raise many kinds; all mean the same here)
+        return None, f"{kind} {path}: voxel data unreadable: {_first_line(err)}"
+
+
+def _image_problems(image, in_channels, check_intensities, cache):
+    """(problems, (shape, affine) or None) of one image."""
     try:
         shape, affine = _header(image)
     except ValueError as err:
-        return [f"image {image}: {err}"]
-    spatial = shape[:3]
+        return [f"image {image}: {err}"], None
+    if len(shape) not in (3, 4):
+        return [f"image {image}: {len(shape)}D of shape {shape}; expected a 3D volume (or 4D with "
+                "model.in_channels volumes)"], None
+    problems = []
     if len(shape) == 3 and in_channels != 1:
         problems.append(f"image {image}: 3D with one channel, but model.in_channels is {in_channels}")
     elif len(shape) == 4 and shape[3] != in_channels:
         problems.append(f"image {image}: 4D with {shape[3]} volumes, but model.in_channels is {in_channels}")
-    elif len(shape) not in (3, 4):
-        problems.append(f"image {image}: {len(shape)}D of shape {shape}; expected a 3D volume "
-                        "(or 4D with model.in_channels volumes)")
-        return problems
     if min(shape) < 1:
         problems.append(f"image {image}: empty, shape {shape}")
-    if check_intensities:
-        try:
-            facts = cache.facts(image, "image")
-            if not facts["finite"]:
-                problems.append(f"image {image}: {facts['nonfinite']} voxels are NaN or infinite")
-        except Exception as err:
-            problems.append(f"image {image}: voxel data unreadable (truncated?): {_first_line(err)}")
-    if label is None:
-        return problems
+    facts, unreadable = _facts(cache, image, "image")
+    if unreadable:
+        problems.append(unreadable)
+    elif check_intensities and not facts["finite"]:
+        problems.append(f"image {image}: {facts['nonfinite']} voxels are NaN or infinite")
+    return problems, (shape, affine)
+
+
+def _label_problems(label, image_shape, image_affine, out_channels, cache):
     try:
         label_shape, label_affine = _header(label)
     except ValueError as err:
-        return problems + [f"label {label}: {err}"]
+        return [f"label {label}: {err}"]
+    problems = []
     label_spatial = label_shape[:3] if len(label_shape) == 3 or label_shape[3:] == (1,) else label_shape
-    if label_spatial != spatial:
-        problems.append(f"label {label}: shape {label_shape} differs from its image's {shape}")
-    elif not np.allclose(label_affine, affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
-        worst = float(np.abs(label_affine - affine).max())
+    if label_spatial != image_shape[:3]:
+        problems.append(f"label {label}: shape {label_shape} differs from its image's {image_shape}")
+    elif not np.allclose(label_affine, image_affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        worst = float(np.abs(label_affine - image_affine).max())
         problems.append(f"label {label}: affine differs from its image's by up to {worst:.3g} mm "
                         f"(tolerance {AFFINE_TOLERANCE_MM} mm); the label would lie off the anatomy")
-    try:
-        facts = cache.facts(label, "label")
-    except Exception as err:
-        return problems + [f"label {label}: voxel data unreadable (truncated?): {_first_line(err)}"]
+    facts, unreadable = _facts(cache, label, "label")
+    if unreadable:
+        return problems + [unreadable]
     values = facts["values"]
     if not facts["integer"]:
         fractional = [v for v in values if v % 1][:3]
@@ -137,23 +160,23 @@ def check_case(image, label, in_channels, out_channels, check_intensities, cache
     return problems
 
 
-def _report(failures, what):
-    lines = [f"  {where}: {reason}" for where, reason in failures[:SHOWN]]
-    if len(failures) > SHOWN:
-        lines.append(f"  ... and {len(failures) - SHOWN} more")
-    return DataConfigError(f"{what} found {len(failures)} problem(s):\n" + "\n".join(lines))
+def check_case(image, label, in_channels, out_channels, check_intensities, cache):
+    """Problems of one case (a list of reasons; empty when the case is usable). `label` may be None."""
+    problems, header = _image_problems(image, in_channels, check_intensities, cache)
+    if label is None or header is None:
+        return problems
+    return problems + _label_problems(label, *header, out_channels, cache)
 
 
-def _run(cases, cfg, cache_dir):
+def _run(cases, in_channels, out_channels, check_intensities, cache_dir):
     """cases: [(where, image, label or None)] -> [(where, reason)] in the order of `cases`."""
-    model, d = cfg["model"], cfg["data"]
     cache = _Cache(cache_dir)
     workers = max(1, min(8, os.cpu_count() or 1))  # zlib and file reads release the GIL
 
     def one(case):
         where, image, label = case
-        return [(where, reason) for reason in check_case(image, label, model["in_channels"], model["out_channels"],
-                                                         d["check_intensities"], cache)]
+        reasons = check_case(image, label, in_channels, out_channels, check_intensities, cache)
+        return [(where, reason) for reason in reasons]
 
     with ThreadPoolExecutor(workers) as pool:
         failures = [f for found in pool.map(one, cases) for f in found]
@@ -161,20 +184,22 @@ def _run(cases, cfg, cache_dir):
     return failures
 
 
-def check_datalist(cfg, splits=("training", "validation")):
-    """Check every case of `splits`; raises DataConfigError listing all problems (up to SHOWN)."""
-    lists = read_datalist(cfg)
-    cases = [(f"{split}[{i}]", e["image"], e.get("label")) for split in splits for i, e in enumerate(lists[split])]
-    failures = _run(cases, cfg, cfg["data"]["data_dir"])
+def check_datalist(d, in_channels, out_channels, splits=("training", "validation")):
+    """Check every case of `splits` of the data section `d`, and that every listed file exists; raises
+    DataConfigError listing all problems (up to SHOWN). Returns the number of cases checked."""
+    lists, missing, _ = collect_datalist(d, out_channels)
+    cases = [(f"{split}[{i}]", e["image"], e.get("label") if os.path.isfile(e.get("label", "")) else None)
+             for split in splits for i, e in enumerate(lists[split]) if os.path.isfile(e["image"])]
+    failures = missing + _run(cases, in_channels, out_channels, d["check_intensities"], d["data_dir"])
     if failures:
-        raise _report(failures, f"data pre-flight of {cfg['data']['data_dir']} ({', '.join(splits)})")
+        raise problem_report(failures, f"data pre-flight of {d['data_dir']} ({', '.join(splits)})")
     return len(cases)
 
 
-def check_images(cfg, paths):
-    """The image checks (readable, dimensions, finite intensities) on unlabelled inputs, e.g. for predict."""
+def check_images(paths, in_channels):
+    """The image checks (readable, intact, dimensions, finite intensities) of unlabelled inputs (predict)."""
     cases = [(f"input[{i}]", str(p), None) for i, p in enumerate(paths)]
-    failures = _run(cases, {**cfg, "data": {**cfg["data"], "check_intensities": True}}, None)
+    failures = _run(cases, in_channels, 2, True, None)
     if failures:
-        raise _report(failures, "input check")
+        raise problem_report(failures, "input check")
     return len(cases)

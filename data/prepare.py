@@ -11,10 +11,13 @@ protocol's remap and the label file's own header. Every case is checked first (r
 affine as its image, label values in range, finite intensities); the first bad case stops with one line.
 The folder is built in a temporary sibling and renamed into place when complete. Never imported by training.
 """
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +25,10 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-import config
+from core.errors import DataConfigError
 
-from .datalist import DataConfigError, _hold_out_validation, _labels
+from .datalist import hold_out_validation, parse_labels
+from .preflight import read_verified
 
 # The 13 organs of the BTCV abdomen challenge, by label value in its label files.
 BTCV_ORGANS = {
@@ -48,6 +52,8 @@ SYNAPSE_LABELS = {
 LABEL_PROTOCOLS = tuple(SYNAPSE_LABELS)
 DATASETS = ("synapse", "btcv", "msd")
 DEFAULT_VAL_FRACTION = 0.2
+BTCV_JSON = "dataset_0.json"  # Swin UNETR's name for the BTCV list, which configs/datasets/btcv.yaml reads
+PARTIAL, OLD = "partial", "old"  # hidden siblings of the output: .<name>.partial-<pid>-*, .<name>.old-<pid>-*
 AFFINE_TOLERANCE = 1e-3  # mm (translation) and matrix entries: label and image affines must agree this well
 
 
@@ -61,7 +67,7 @@ class Case:
 
 
 @dataclass
-class Plan:
+class Preparation:
     title: str
     cases: list
     class_names: list  # index = class value
@@ -103,7 +109,7 @@ def _remap_table(mapping):
     return table
 
 
-def synapse_plan(raw, labels="standard"):
+def synapse_preparation(raw, labels="standard"):
     if labels not in SYNAPSE_LABELS:
         raise DataConfigError(f"--labels {labels!r}: choose one of {', '.join(LABEL_PROTOCOLS)}")
     training = _btcv_training_dir(raw)
@@ -119,11 +125,11 @@ def synapse_plan(raw, labels="standard"):
     validation = ", ".join(f"img{n:04d}" for n in SYNAPSE_VALIDATION)
     extra = {"name": "Synapse", "description": f"BTCV abdomen (Synapse multi-organ), {labels} labels: "
              f"{', '.join(names[1:])}; 18 training (validation {validation}) and the 12 TransUNet test cases"}
-    return Plan(f"synapse ({labels} labels)", cases, names, _remap_table(mapping), max(BTCV_ORGANS),
+    return Preparation(f"synapse ({labels} labels)", cases, names, _remap_table(mapping), max(BTCV_ORGANS),
                 "dataset.json", extra)
 
 
-def btcv_plan(raw, json_name="dataset_0.json"):
+def btcv_preparation(raw, json_name=BTCV_JSON):
     training = _btcv_training_dir(raw)
     testing = training.parent / "Testing" / "img"
     if not testing.is_dir():
@@ -135,7 +141,7 @@ def btcv_plan(raw, json_name="dataset_0.json"):
     names = ["background"] + [BTCV_ORGANS[v] for v in sorted(BTCV_ORGANS)]
     extra = {"name": "BTCV", "description": "BTCV abdomen, 13 organs; Swin UNETR's split (validation "
              "img0035-img0040); the test list holds the challenge's unlabelled scans"}
-    return Plan("btcv (13 organs)", cases, names, None, len(names) - 1, json_name, extra)
+    return Preparation("btcv (13 organs)", cases, names, None, len(names) - 1, json_name, extra)
 
 
 def _relative(value, where):
@@ -145,7 +151,7 @@ def _relative(value, where):
     return path.as_posix().removeprefix("./")
 
 
-def msd_plan(raw, val_fraction=None):
+def msd_preparation(raw, val_fraction=DEFAULT_VAL_FRACTION):
     if not Path(raw).expanduser().is_dir():
         raise DataConfigError(f"--raw {raw}: folder not found")
     task = Path(raw).expanduser().resolve()
@@ -158,9 +164,8 @@ def msd_plan(raw, val_fraction=None):
         raise DataConfigError(f"{json_path} is not valid JSON: {err}") from None
     if not isinstance(content, dict):
         raise DataConfigError(f"{json_path} must hold a JSON object")
-    names = [name for _, name in sorted(_labels(content, json_path).items())]
-    fraction = _msd_val_fraction(task.name) if val_fraction is None else val_fraction
-    lists = _hold_out_validation(content, fraction, json_path)
+    names = [name for _, name in sorted(parse_labels(content, json_path).items())]
+    lists = hold_out_validation(content, val_fraction)
     cases = []
     for split in ("training", "validation", "test"):
         items = lists.get(split, [])
@@ -181,39 +186,16 @@ def msd_plan(raw, val_fraction=None):
                     raise DataConfigError(f"{where}: file not found: {task / rel}")
             cases.append(Case(task / image, task / label if label else None, split, image, label))
     extra = {k: v for k, v in content.items() if k not in ("training", "validation", "test")}
-    return Plan(f"msd {task.name}", cases, names, None, len(names) - 1, "dataset.json", extra)
-
-
-def _msd_val_fraction(task_name):
-    """data.val_fraction of the dataset config whose data_dir is this task's folder, else the default."""
-    for name in config.available("datasets"):
-        data = config.read_yaml(config.config_path("datasets", name)).get("data", {})
-        if Path(str(data.get("data_dir", ""))).name == task_name and data.get("val_fraction"):
-            return data["val_fraction"]
-    return DEFAULT_VAL_FRACTION
-
-
-def default_out(dataset, raw, labels="standard"):
-    """The data.data_dir of the dataset config this protocol feeds (relative to the working directory)."""
-    if dataset == "msd":
-        return Path("datasets") / Path(raw).expanduser().resolve().name
-    name = "synapse_btcv8" if dataset == "synapse" and labels == "btcv8" else dataset
-    return Path(config.read_yaml(config.config_path("datasets", name))["data"]["data_dir"])
-
-
-def _json_name(dataset):
-    if dataset != "btcv":
-        return "dataset.json"
-    return config.read_yaml(config.config_path("datasets", "btcv"))["data"].get("dataset_json", "dataset.json")
+    return Preparation(f"msd {task.name}", cases, names, None, len(names) - 1, "dataset.json", extra)
 
 
 # ---- checks and writing -----------------------------------------------------------------------------------
 
 
 def _read(path):
-    """(image, 3D array) of a NIfTI file, or a one-line error naming the file."""
+    """(image, 3D array) of a NIfTI file read to its end (gzip CRC checked), or a one-line error naming it."""
     try:
-        img = nib.load(str(path))
+        img = read_verified(path)
         array = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel, gzip and zlib raise many kinds for a damaged file; all mean the same here
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -266,76 +248,126 @@ def _write_label(values, label, dst):
     nib.save(out, str(dst))
 
 
-def _prepare_into(plan, folder):
+def _prepare_into(prep, folder):
     """Check and write every case into `folder`; returns the statistics for the summary."""
-    n_classes = len(plan.class_names)
+    n_classes = len(prep.class_names)
     stats = {"shapes": [], "spacings": [], "voxels": np.zeros(n_classes, dtype=np.int64)}
     lists = {"training": [], "validation": [], "test": []}
-    for case in tqdm(plan.cases, desc=f"prepare {plan.title}", unit="case"):
+    for case in tqdm(prep.cases, desc=f"prepare {prep.title}", unit="case"):
         image, shape = _check_image(case.image)
         stats["shapes"].append(shape)
         stats["spacings"].append(tuple(float(z) for z in image.header.get_zooms()[:3]))
         entry = {"image": f"./{case.image_out}"}
         if case.label is not None:
-            label, values = _check_label(case.label, case.image, image, shape, plan.raw_label_max)
-            if plan.remap is not None:
-                values = plan.remap[values]
+            label, values = _check_label(case.label, case.image, image, shape, prep.raw_label_max)
+            if prep.remap is not None:
+                values = prep.remap[values]
             stats["voxels"] += np.bincount(values.ravel(), minlength=n_classes)[:n_classes]
             _write_label(values, label, folder / case.label_out)
             entry["label"] = f"./{case.label_out}"
         _place_image(case.image, folder / case.image_out)
         lists[case.split].append(entry)
-    content = {**plan.json_extra, "labels": {str(i): n for i, n in enumerate(plan.class_names)},
+    content = {**prep.json_extra, "labels": {str(i): n for i, n in enumerate(prep.class_names)},
                "numTraining": len(lists["training"]) + len(lists["validation"]), "numTest": len(lists["test"]),
                **lists}
-    (folder / plan.json_name).write_text(json.dumps(content, indent=2) + "\n")
+    (folder / prep.json_name).write_text(json.dumps(content, indent=2) + "\n")
     stats["lists"] = lists
     return stats
 
 
-def summary_table(plan, stats, out):
-    lines = [f"prepared {plan.title} in {out}"]
+def summary_table(prep, stats, out):
+    lines = [f"prepared {prep.title} in {out}"]
     for split, items in stats["lists"].items():
         lines.append(f"  {split:<12}{len(items):>5} cases")
     shapes, spacings = np.array(stats["shapes"]), np.array(stats["spacings"])
     shape = " x ".join(f"{lo}-{hi}" for lo, hi in zip(shapes.min(0), shapes.max(0)))
     spacing = " x ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(spacings.min(0), spacings.max(0)))
     lines += [f"  shape        {shape} voxels", f"  spacing      {spacing} mm"]
-    width = max(len(n) for n in plan.class_names)
+    width = max(len(n) for n in prep.class_names)
     lines.append(f"  {'class':<{width}}  {'voxels (labelled cases)':>24}")
-    for index, (name, count) in enumerate(zip(plan.class_names, stats["voxels"])):
+    for index, (name, count) in enumerate(zip(prep.class_names, stats["voxels"])):
         lines.append(f"  {index:>2} {name:<{width}}  {int(count):>21,}")
     return "\n".join(lines)
 
 
-def prepare(dataset, raw, out=None, labels="standard", force=False, val_fraction=None):
-    """Build the decathlon folder of `dataset` from `raw`; returns the output folder."""
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _clean_stale(out):
+    """Remove what a killed `prepare` of `out` left beside it: partial folders, and an old output it had
+    moved aside (put back where the new one never arrived). Folders of a live process are left alone."""
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = path.name.removeprefix(f".{out.name}.").partition("-")
+        pid = rest.split("-")[0]
+        if kind not in (PARTIAL, OLD) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == OLD and not out.exists() and (path / out.name).is_dir():
+            os.rename(path / out.name, out)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up():
+    """SIGTERM ends `prepare` as SystemExit(143), so that its cleanup runs (a handler lives in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _build(dataset, raw, labels, val_fraction, json_name):
+    if dataset == "synapse":
+        return synapse_preparation(raw, labels)
+    if dataset == "btcv":
+        return btcv_preparation(raw, json_name)
+    if not 0.0 < val_fraction < 1.0:
+        raise DataConfigError(f"--val_fraction {val_fraction}: it must lie in (0, 1)")
+    return msd_preparation(raw, val_fraction)
+
+
+def prepare(dataset, raw, out, labels="standard", force=False, val_fraction=DEFAULT_VAL_FRACTION,
+            json_name=BTCV_JSON):
+    """Build the decathlon folder `out` of `dataset` from `raw`; returns the output folder. `json_name` is
+    the list's file name for btcv; `val_fraction` the validation share for msd tasks without a list."""
     if dataset not in DATASETS:
         raise DataConfigError(f"dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if labels != "standard" and dataset != "synapse":
         raise DataConfigError(f"--labels applies to synapse only, not {dataset}")
-    out = Path(out if out is not None else default_out(dataset, raw, labels)).expanduser().absolute()
+    out = Path(out).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out)
     if out.exists() and not force:
         raise DataConfigError(f"{out} exists; pass --force to replace it")
-    if dataset == "synapse":
-        plan = synapse_plan(raw, labels)
-    elif dataset == "btcv":
-        plan = btcv_plan(raw, _json_name("btcv"))
-    else:
-        plan = msd_plan(raw, val_fraction)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        stats = _prepare_into(plan, building)
-        building.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            replaced = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, replaced / out.name)
-            os.rename(building, out)
-            shutil.rmtree(replaced)
-        else:
-            os.rename(building, out)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    print(summary_table(plan, stats, out))
+    prep = _build(dataset, raw, labels, val_fraction, json_name)
+    pid = os.getpid()
+    with _sigterm_cleans_up():
+        building = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-{pid}-", dir=out.parent))
+        try:
+            stats = _prepare_into(prep, building)
+            building.chmod(0o755)  # mkdtemp makes it private
+            if out.exists():
+                replaced = Path(tempfile.mkdtemp(prefix=f".{out.name}.{OLD}-{pid}-", dir=out.parent))
+                os.rename(out, replaced / out.name)
+                os.rename(building, out)
+                shutil.rmtree(replaced)
+            else:
+                os.rename(building, out)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    print(summary_table(prep, stats, out))
     return out

@@ -16,9 +16,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from fileio import current_umask
-
-from .datalist import DataConfigError
+from core.errors import DataConfigError
+from core.fileio import current_umask
 
 LABELS = {
     0: "background",

@@ -17,12 +17,9 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from .datalist import DataConfigError
 
-
-def _preprocess(cfg, keys):
-    """Deterministic part shared by training and evaluation (cached by CacheDataset)."""
-    d = cfg["data"]
+def _preprocess(d, keys):
+    """Deterministic part shared by training and evaluation (cached by CacheDataset); `d` is the data section."""
     lo, hi = d["intensity_range"]
     modes = ["bilinear", "nearest"][: len(keys)]
     steps = [
@@ -39,16 +36,16 @@ def _preprocess(cfg, keys):
     return steps
 
 
-def train_transforms(cfg):
-    d = cfg["data"]
+def train_transforms(d, roi_size, num_classes):
+    """Preprocessing, then random crops of `roi_size` and augmentation, as the data section `d` says."""
     keys = ["image", "label"]
-    roi = tuple(cfg["model"]["roi_size"])
+    roi = tuple(roi_size)
     return Compose(
-        _preprocess(cfg, keys)
+        _preprocess(d, keys)
         + [
             EnsureTyped(keys=keys, track_meta=False),
             SpatialPadd(keys=keys, spatial_size=roi),
-            _random_crop(cfg, keys, roi),
+            _random_crop(d, keys, roi, num_classes),
             RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=0),
             RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=1),
             RandFlipd(keys=keys, prob=d["flip_prob"], spatial_axis=2),
@@ -59,23 +56,21 @@ def train_transforms(cfg):
     )
 
 
-def _random_crop(cfg, keys, roi):
-    d = cfg["data"]
+def _random_crop(d, keys, roi, num_classes):
     if d["crop_sampling"] == "posneg":
         return RandCropByPosNegLabeld(
             keys=keys, label_key="label", spatial_size=roi, pos=d["pos"], neg=d["neg"],
             num_samples=d["num_samples"], image_key="image", image_threshold=0,
         )
-    if d["crop_sampling"] == "classes":
-        # Crop centres drawn class by class, so small organs are seen as often as the liver.
-        return RandCropByLabelClassesd(
-            keys=keys, label_key="label", spatial_size=roi, num_classes=cfg["model"]["out_channels"],
-            num_samples=d["num_samples"], image_key="image", image_threshold=0,
-        )
-    raise DataConfigError(f"data.crop_sampling must be 'posneg' or 'classes', got {d['crop_sampling']!r}")
+    # "classes" (config/rules.py allows no other value): crop centres drawn class by class, so small organs are
+    # seen as often as the liver.
+    return RandCropByLabelClassesd(
+        keys=keys, label_key="label", spatial_size=roi, num_classes=num_classes,
+        num_samples=d["num_samples"], image_key="image", image_threshold=0,
+    )
 
 
-def eval_transforms(cfg, with_label=True):
+def eval_transforms(d, with_label=True):
     """Whole-volume preprocessing for validation, test and prediction; invertible (see geometry.py)."""
     keys = ["image", "label"] if with_label else ["image"]
-    return Compose(_preprocess(cfg, keys))
+    return Compose(_preprocess(d, keys))

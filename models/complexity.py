@@ -2,13 +2,13 @@
 
 torch's FlopCounterMode counts convolutions and matrix products (2 FLOPs per multiply-add). The selective
 scan runs outside aten (numba, or mamba-ssm's kernel), so it is counted from its shapes with Mamba's own
-formula. calflops, the tool of the paper's table, is not used: importing it imports transformers.
-Element-wise work (norms, activations, FFTs) is not counted.
+formula. Element-wise work (norms, activations, FFTs) is not counted. calflops, the tool of the paper's
+table, is an optional second counter (it imports transformers).
 """
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .mamba import ScanDirection
+from blocks.mamba import ScanDirection
 
 
 def selective_scan_flops(batch, dim, length, d_state, with_D=True, with_z=True):
@@ -47,11 +47,6 @@ def count_flops(model, example_input):
             "macs": dense // 2, "scan_flops": scan_flops}
 
 
-CALFLOPS_INSTALL = "pip install -r requirements-flops.txt"
-# {version}: the torchvision pip chose for this torch
-TORCHVISION_CPU_INSTALL = "pip install torchvision=={version} --index-url https://download.pytorch.org/whl/cpu"
-
-
 def calflops_counts(model, example_input):
     """{"calflops_flops", "calflops_macs"} of one forward pass, as calflops (the paper's tool) counts them.
 
@@ -64,36 +59,3 @@ def calflops_counts(model, example_input):
         flops, macs, _ = calculate_flops(model=model, args=[example_input], print_results=False,
                                          print_detailed=False, output_as_string=False)
     return {"calflops_flops": int(flops), "calflops_macs": int(macs)}
-
-
-# Columns of the `flops --all` table: (key in a result row, heading, formatter of the raw number).
-TABLE_COLUMNS = (
-    ("params", "params", lambda v: f"{v:,}"),
-    ("flops", "GFLOPs", lambda v: f"{v / 1e9:.2f}"),
-    ("scan_flops", "of which scans", lambda v: f"{v / 1e9:.2f}"),
-    ("macs", "GMACs", lambda v: f"{v / 1e9:.2f}"),
-    ("calflops_flops", "calflops GFLOPs", lambda v: f"{v / 1e9:.2f}"),
-    ("calflops_macs", "calflops GMACs", lambda v: f"{v / 1e9:.2f}"),
-)
-
-
-def table_columns(rows):
-    """The columns some row has a value for, in TABLE_COLUMNS order."""
-    return [c for c in TABLE_COLUMNS if any(c[0] in row for row in rows)]
-
-
-def format_markdown_table(rows):
-    """A Markdown table of `rows` ({"model", numbers..., "note"}); a row without numbers shows its note."""
-    columns = table_columns(rows)
-    lines = ["| model | " + " | ".join(heading for _, heading, _ in columns) + " | note |",
-             "|---|" + "---:|" * len(columns) + "---|"]
-    for row in rows:
-        cells = [fmt(row[key]) if key in row else "-" for key, _, fmt in columns]
-        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row.get('note', '')} |")
-    return "\n".join(lines)
-
-
-def csv_records(rows):
-    """Rows for csv.DictWriter: raw integer counts, an empty cell where a model could not be counted."""
-    keys = ["model", *(key for key, _, _ in table_columns(rows)), "note"]
-    return keys, [{key: row.get(key, "") for key in keys} for row in rows]

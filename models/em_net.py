@@ -8,10 +8,14 @@ from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UnetrBasicBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
-from .layers import EFL_LAYOUTS, ChannelLayerNorm, ConvMLP, CSRMambaLayer, EFLLayer
+from blocks.common import ChannelLayerNorm, ConvMLP
+from blocks.window import check_roi_size
+
+from .layers import EFL_LAYOUTS, CSRMambaLayer, EFLLayer
 from .registry import register_model
 
 WINDOW_MULTIPLE = 32  # stem /4 then three /2 downsamplings
+REFERENCE_PREFIX = "mamba_encoder."  # every checkpoint of the reference implementation has such keys
 
 
 def _stage_layers(dim, spatial_shape, depth, num_fft, efl_layout="reference"):
@@ -66,7 +70,14 @@ class UpBlock(nn.Module):
         return self.block(self.transp_conv(x) + skip)
 
 
-@register_model("em-net")
+def convert_checkpoint_weights(state_dict):
+    """A checkpoint's weights in this implementation's names: the reference's are converted, ours kept."""
+    if any(k.removeprefix("module.").startswith(REFERENCE_PREFIX) for k in state_dict):
+        return convert_reference_state_dict(state_dict)
+    return state_dict
+
+
+@register_model("em-net", convert_state_dict=convert_checkpoint_weights)
 class EMNet(nn.Module):
     """EM-Net for (B, in_channels, *roi_size) inputs. The positional embeddings and Fourier weights are
     tied to `roi_size`: inputs of another size are rejected (use sliding-window inference).
@@ -93,12 +104,10 @@ class EMNet(nn.Module):
     ):
         super().__init__()
         feature_size, depths, fft_nums = list(feature_size), list(depths), list(fft_nums)
-        roi_size = [roi_size] * 3 if isinstance(roi_size, int) else list(roi_size)
+        roi_size = list(check_roi_size("EM-Net", roi_size, WINDOW_MULTIPLE))
         for name, value in (("feature_size", feature_size), ("depths", depths), ("fft_nums", fft_nums)):
             if len(value) != 4:
                 raise ValueError(f"EM-Net {name} needs 4 values (one per stage), got {value}")
-        if len(roi_size) != 3 or any(s <= 0 or s % WINDOW_MULTIPLE for s in roi_size):
-            raise ValueError(f"EM-Net roi_size must be 3 positive sizes divisible by {WINDOW_MULTIPLE}, got {roi_size}")
         if any(not 0 <= n <= d for n, d in zip(fft_nums, depths)):
             raise ValueError(f"EM-Net fft_nums {fft_nums} must lie between 0 and depths {depths} per stage")
         if efl_layout not in EFL_LAYOUTS:
@@ -114,14 +123,16 @@ class EMNet(nn.Module):
             return _stage_layers(dim, spatial_shape, depth=3, num_fft=0)
 
         self.encoder = EMNetEncoder(in_channels, feature_size, depths, fft_nums, roi_size, efl_layout)
-        self.encoder1 = UnetrBasicBlock(3, in_channels, f0, kernel_size=3, stride=1, norm_name="instance", res_block=True)
+        self.encoder1 = UnetrBasicBlock(3, in_channels, f0, kernel_size=3, stride=1, norm_name="instance",
+                                        res_block=True)
         self.decoder4 = UpBlock(f3, f2, 2, decoder_layers(f2, grid[4]))
         self.decoder3 = UpBlock(f2, f1, 2, decoder_layers(f1, grid[3]))
         self.decoder2 = UpBlock(f1, f0, 2, decoder_layers(f0, grid[2]))
         self.decoder1 = UpBlock(f0, f0, 4, UnetBasicBlock(3, f0, f0, kernel_size=3, stride=1, norm_name="instance"))
         self.out = UnetOutBlock(3, f0, out_channels)
         if deep_supervision:
-            self.deep_supervision_heads = nn.ModuleList([UnetOutBlock(3, f0, out_channels), UnetOutBlock(3, f1, out_channels)])
+            self.deep_supervision_heads = nn.ModuleList([UnetOutBlock(3, f0, out_channels),
+                                                         UnetOutBlock(3, f1, out_channels)])
 
     def forward(self, x):
         if tuple(x.shape[2:]) != self.roi_size:

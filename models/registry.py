@@ -1,45 +1,34 @@
-"""One registry for every network: EM-Net registers here, and so does every baseline under networks/.
-
-The baselines package is imported on the first lookup (as timm imports its model modules), so that
-`models.build_model("unet", ...)` works without the caller knowing where a network lives, while models/
-itself never imports networks/ at import time.
-"""
+"""One registry for every network: a name, its builder and, where the network has one, a converter for
+checkpoints written by other code. `build_model(name, **kwargs)` builds any registered network."""
 import difflib
-import importlib
 import inspect
 
 _BUILDERS = {}
-_PLUGIN_PACKAGES = ("networks",)
-_plugins_loaded = False
+_CONVERTERS = {}
 
 
-def register_model(name):
-    """Decorator registering a class or factory under `name` (lower-case; the paper's spelling)."""
+def register_model(name, convert_state_dict=None):
+    """Decorator registering a class or factory under `name` (lower-case; the paper's spelling).
+
+    `convert_state_dict(state_dict)`, if given, maps a checkpoint's weights written by other code (e.g. the
+    paper's reference implementation) to this network's names, and returns other state_dicts unchanged."""
 
     def decorator(builder):
         if name in _BUILDERS:
             raise ValueError(f"model {name!r} is registered twice")
         _BUILDERS[name] = builder
+        if convert_state_dict is not None:
+            _CONVERTERS[name] = convert_state_dict
         return builder
 
     return decorator
 
 
-def _load_plugins():
-    global _plugins_loaded
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        for package in _PLUGIN_PACKAGES:
-            importlib.import_module(package)
-
-
 def list_models():
-    _load_plugins()
     return sorted(_BUILDERS)
 
 
 def _builder(name):
-    _load_plugins()
     try:
         return _BUILDERS[name]
     except KeyError:
@@ -62,3 +51,9 @@ def build_model(name, **kwargs):
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"model {name!r} has no argument {key!r}{hint}")
     return _builder(name)(**kwargs)
+
+
+def convert_state_dict(name, state_dict):
+    """`state_dict` in the names of model `name`: its registered converter applied, if it has one."""
+    converter = _CONVERTERS.get(name)
+    return state_dict if converter is None else converter(state_dict)

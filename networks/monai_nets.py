@@ -2,14 +2,11 @@
 (parameter counts at roi 128, 1 input channel, 9 classes in configs/models/<name>.yaml)."""
 from monai.networks.nets import UNETR, SegResNet, SwinUNETR, UNet
 
-from models.registry import register_model
-
-from .windows import check_roi_size
+from blocks.window import check_roi_size
 
 INSTANCE_NORM = "instance norm in training needs more than one voxel"
 
 
-@register_model("unet")
 def unet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), channels=(16, 32, 64, 128, 256), num_res_units=2):
     """MONAI's residual U-Net: every level halves the size (stride 2), instance norm."""
     stride = 2 ** (len(channels) - 1)
@@ -18,7 +15,6 @@ def unet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), channels=(16, 
                 num_res_units=num_res_units)
 
 
-@register_model("segresnet")
 def segresnet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), init_filters=16, blocks_down=(1, 2, 2, 4),
               blocks_up=(1, 1, 1), dropout_prob=0.2):
     """MONAI's SegResNet (Myronenko 2018) without the VAE branch; group norm works on any map size."""
@@ -28,7 +24,6 @@ def segresnet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), init_filt
                      blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up), dropout_prob=dropout_prob)
 
 
-@register_model("swin_unetr")
 def swin_unetr(in_channels=1, out_channels=9, roi_size=(128, 128, 128), feature_size=48):
     """MONAI's Swin UNETR (v1). It takes any input divisible by 32 (MONAI 1.6 has no img_size argument);
     roi_size is the training and sliding window."""
@@ -57,7 +52,6 @@ class WindowUNETR(UNETR):
         return super().forward(x_in)
 
 
-@register_model("unetr")
 def unetr(in_channels=1, out_channels=9, roi_size=(128, 128, 128), feature_size=16, hidden_size=768, mlp_dim=3072,
           num_heads=12):
     """UNETR (Hatamizadeh et al. 2022): ViT on 16^3 patches (perceptron embedding), residual conv decoder."""

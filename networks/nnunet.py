@@ -15,11 +15,9 @@ from dynamic_network_architectures.building_blocks.unet_residual_decoder import 
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
-from models.layers import to_grid, to_tokens
-from models.mamba import BiMamba, MambaProjections
-from models.registry import register_model
-
-from .windows import check_roi_size
+from blocks.common import to_grid, to_tokens
+from blocks.mamba import BiMamba, Mamba
+from blocks.window import check_roi_size
 
 FEATURES = (32, 64, 128, 256, 320, 320)
 BLOCKS_PER_STAGE = 2  # nnU-Net's default plans: two convolutions (residual blocks) per stage, both paths
@@ -59,24 +57,10 @@ class NNUNet(MainOutputInEval, PlainConvUNet):
         self.train()
 
 
-@register_model("nnunet")
 def nnunet(in_channels=1, out_channels=9, roi_size=(128, 128, 128), features=FEATURES, deep_supervision=False):
     """nnU-Net's plain convolutional U-Net (dynamic-network-architectures' PlainConvUNet)."""
     _check("nnunet", roi_size, features)
     return NNUNet(in_channels, out_channels, features, deep_supervision)
-
-
-class Mamba(MambaProjections):
-    """Mamba (Gu and Dao 2023) reading the sequence forwards only, as mamba-ssm's `Mamba`: BiMamba's
-    projections around a single scan direction, on this project's scan backends."""
-
-    def __init__(self, dim, d_state=16, d_conv=4, expand=2):
-        super().__init__(dim, ("forward_scan",), d_state, d_conv, expand)
-
-    def forward(self, tokens):
-        """tokens: (B, L, C) -> (B, L, C)."""
-        x, z = self.project(tokens)
-        return self.output(self.forward_scan(x, z))
 
 
 class MambaLayer(nn.Module):
@@ -126,14 +110,12 @@ class UMamba(MainOutputInEval, nn.Module):
         return self.decoder(skips)
 
 
-@register_model("umamba_bot")
 def umamba_bot(in_channels=1, out_channels=9, roi_size=(128, 128, 128), features=FEATURES, deep_supervision=False):
     """U-Mamba Bot: one bidirectional Mamba layer on the bottleneck."""
     _check("umamba_bot", roi_size, features)
     return UMamba(in_channels, out_channels, features, [len(features) - 1], True, deep_supervision)
 
 
-@register_model("umamba_enc")
 def umamba_enc(in_channels=1, out_channels=9, roi_size=(128, 128, 128), features=FEATURES, deep_supervision=False):
     """U-Mamba Enc: a forward Mamba layer after every encoder stage but the bottleneck, 59,010,157
     parameters at the paper's settings. The comparison gives 59,519,533, which no variant reproduces:

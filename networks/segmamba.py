@@ -13,24 +13,30 @@ downsamplings 791,328) and the decoder 51,694,329, which UX-Net shares and which
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from models.layers import ConvMLP, to_grid, to_tokens
-from models.mamba import MambaProjections
-from models.registry import register_model
+from blocks.common import ConvMLP, to_grid, to_tokens
+from blocks.mamba import MambaProjections
 
-from .uxnet import UNETRStyleDecoder, check_four_stages, check_input_window, validated_roi
+from .uxnet import (
+    UNETRStyleDecoder,
+    check_four_stages,
+    check_input_window,
+    validated_roi,
+)
 
 
 def to_slice_order(seq, num_slices):
     """(B, E, L) read slice after slice -> (B, E, L) read across the slices: the first token of every
     slice, then the second of every slice, and so on (slices are the L / num_slices runs of L)."""
     batch, channels, length = seq.shape
-    return seq.reshape(batch, channels, num_slices, length // num_slices).transpose(2, 3).reshape(batch, channels, length)
+    runs = seq.reshape(batch, channels, num_slices, length // num_slices)
+    return runs.transpose(2, 3).reshape(batch, channels, length)
 
 
 def from_slice_order(seq, num_slices):
     """The inverse of to_slice_order."""
     batch, channels, length = seq.shape
-    return seq.reshape(batch, channels, length // num_slices, num_slices).transpose(2, 3).reshape(batch, channels, length)
+    runs = seq.reshape(batch, channels, length // num_slices, num_slices)
+    return runs.transpose(2, 3).reshape(batch, channels, length)
 
 
 class TriOrientedMamba(MambaProjections):
@@ -96,24 +102,26 @@ class SegMambaEncoder(nn.Module):
         self.downsample = nn.ModuleList([nn.Conv3d(in_channels, feature_size[0], 7, stride=2, padding=3)])
         for i in range(1, 4):
             self.downsample.append(
-                nn.Sequential(nn.InstanceNorm3d(feature_size[i - 1]), nn.Conv3d(feature_size[i - 1], feature_size[i], 2, stride=2))
+                nn.Sequential(nn.InstanceNorm3d(feature_size[i - 1]),
+                              nn.Conv3d(feature_size[i - 1], feature_size[i], 2, stride=2))
             )
         self.gscs = nn.ModuleList(GatedSpatialConv(f) for f in feature_size)
         self.stages = nn.ModuleList(
-            nn.Sequential(*[ToMLayer(f, d_state, d_conv, expand) for _ in range(depth)]) for f, depth in zip(feature_size, depths)
+            nn.Sequential(*[ToMLayer(f, d_state, d_conv, expand) for _ in range(depth)])
+            for f, depth in zip(feature_size, depths)
         )
         self.out_norms = nn.ModuleList(nn.InstanceNorm3d(f) for f in feature_size)
         self.out_mlps = nn.ModuleList(ConvMLP(f, 2 * f) for f in feature_size)
 
     def forward(self, x):
         features = []
-        for downsample, gsc, stage, norm, mlp in zip(self.downsample, self.gscs, self.stages, self.out_norms, self.out_mlps):
+        parts = zip(self.downsample, self.gscs, self.stages, self.out_norms, self.out_mlps)
+        for downsample, gsc, stage, norm, mlp in parts:
             x = stage(gsc(downsample(x)))
             features.append(mlp(norm(x)))
         return features
 
 
-@register_model("segmamba")
 class SegMamba(nn.Module):
     """SegMamba for (B, in_channels, *spatial) inputs with every spatial size divisible by 16. Nothing is
     tied to the window: `roi_size` is only checked."""

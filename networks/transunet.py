@@ -13,14 +13,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
-from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import (
+    PlainConvEncoder,
+)
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import (
+    StackedConvBlocks,
+)
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
-from models.registry import register_model
-
-from .windows import check_roi_size
+from blocks.window import check_roi_size
 
 NUM_LEVELS = 3  # decoder features at 1/8, 1/4 and 1/2 of the window feed the transformer decoder
 INSTANCE_NORM = "instance norm needs more than one voxel"
@@ -93,7 +95,8 @@ class MaskedAttentionDecoder(nn.Module):
         self.query_embed = nn.Embedding(num_queries, dim)
         self.level_embed = nn.Embedding(NUM_LEVELS, dim)
         self.class_embed = nn.Linear(dim, num_classes + 1)  # + "no object"
-        self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),
+                                        nn.Linear(dim, dim))
         for layer in [*self.cross_attention, *self.self_attention, *self.ffn]:
             for p in layer.parameters():
                 if p.dim() > 1:
@@ -140,7 +143,6 @@ def semantic_logits(class_logits, mask_logits):
         return torch.log(probs + PROBABILITY_FLOOR)
 
 
-@register_model("transunet")
 class TransUNet(nn.Module):
     """3D TransUNet (decoder-only) for (B, in_channels, *spatial) inputs, spatial sizes divisible by
     2**(stages - 1). With `deep_supervision`, training mode also returns the segmentation after the learnable
@@ -167,19 +169,22 @@ class TransUNet(nn.Module):
         self.window_multiple = 2 ** (len(features) - 1)
         check_roi_size("TransUNet", roi_size, self.window_multiple, 2, INSTANCE_NORM)
         if hidden_dim % num_heads or hidden_dim % 32:
-            raise ValueError(f"TransUNet hidden_dim {hidden_dim} must be divisible by num_heads ({num_heads}) and by 32 "
-                             "(GroupNorm groups)")
+            raise ValueError(f"TransUNet hidden_dim {hidden_dim} must be divisible by num_heads ({num_heads}) and "
+                             "by 32 (GroupNorm groups)")
         self.deep_supervision = deep_supervision
         conv = dict(conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
                     nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
-        self.encoder = PlainConvEncoder(in_channels, len(features), features, nn.Conv3d, 3, [1] + [2] * (len(features) - 1),
-                                        2, return_skips=True, **conv)
+        strides = [1] + [2] * (len(features) - 1)
+        self.encoder = PlainConvEncoder(in_channels, len(features), features, nn.Conv3d, 3, strides, 2,
+                                        return_skips=True, **conv)
         # nnU-Net's decoder as the reference builds it: bias-free transposed convolutions, no segmentation heads.
         self.upsamplers = nn.ModuleList(
-            nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2, bias=False) for s in reversed(range(len(features) - 1))
+            nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2, bias=False)
+            for s in reversed(range(len(features) - 1))
         )
         self.decoder_stages = nn.ModuleList(
-            StackedConvBlocks(2, nn.Conv3d, 2 * features[s], features[s], 3, 1, **conv) for s in reversed(range(len(features) - 1))
+            StackedConvBlocks(2, nn.Conv3d, 2 * features[s], features[s], 3, 1, **conv)
+            for s in reversed(range(len(features) - 1))
         )
         self.encoder.apply(InitWeights_He(1e-2))
         self.upsamplers.apply(InitWeights_He(1e-2))

@@ -7,10 +7,8 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from monai.networks.layers import DropPath
 from torch import nn
 
-from models.layers import ChannelLayerNorm
-from models.registry import register_model
-
-from .windows import check_roi_size
+from blocks.common import ChannelLayerNorm
+from blocks.window import check_roi_size
 
 WINDOW_MULTIPLE = 16  # stem /2 then three /2 downsamplings
 
@@ -64,17 +62,20 @@ class UXNetEncoder(nn.Module):
     def __init__(self, in_channels, feature_size, depths, drop_path_rate, layer_scale_init_value):
         super().__init__()
         self.downsample = nn.ModuleList(
-            [nn.Sequential(nn.Conv3d(in_channels, feature_size[0], 7, stride=2, padding=3), ChannelLayerNorm(feature_size[0]))]
+            [nn.Sequential(nn.Conv3d(in_channels, feature_size[0], 7, stride=2, padding=3),
+                           ChannelLayerNorm(feature_size[0]))]
         )
         for i in range(1, 4):
             self.downsample.append(
-                nn.Sequential(ChannelLayerNorm(feature_size[i - 1]), nn.Conv3d(feature_size[i - 1], feature_size[i], 2, stride=2))
+                nn.Sequential(ChannelLayerNorm(feature_size[i - 1]),
+                              nn.Conv3d(feature_size[i - 1], feature_size[i], 2, stride=2))
             )
         # Stochastic depth grows linearly over all blocks, as in ConvNeXt.
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(
-            nn.Sequential(*[UXBlock(feature_size[i], rates[starts[i] + j], layer_scale_init_value) for j in range(depths[i])])
+            nn.Sequential(*[UXBlock(feature_size[i], rates[starts[i] + j], layer_scale_init_value)
+                            for j in range(depths[i])])
             for i in range(4)
         )
         self.out_norms = nn.ModuleList(ChannelLayerNorm(f) for f in feature_size)
@@ -100,7 +101,8 @@ class UNETRStyleDecoder(nn.Module):
             return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
 
         def up(cin, cout):
-            return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=res_block)
+            return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name,
+                                res_block=res_block)
 
         self.encoder1 = basic(in_channels, f0)
         self.encoder2 = basic(f0, f1)
@@ -124,7 +126,6 @@ class UNETRStyleDecoder(nn.Module):
         return self.out(self.decoder1(dec0))
 
 
-@register_model("uxnet")
 class UXNet(nn.Module):
     """3D UX-Net for (B, in_channels, *spatial) inputs with every spatial size divisible by 16. Fully
     convolutional: `roi_size` is only checked, the network takes any such window."""

@@ -12,10 +12,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from monai.networks.blocks import MLPBlock
 from monai.networks.layers import DropPath
-from monai.networks.nets.swin_unetr import WindowAttention, compute_mask, get_window_size, window_partition, window_reverse
+from monai.networks.nets.swin_unetr import (
+    WindowAttention,
+    compute_mask,
+    get_window_size,
+    window_partition,
+    window_reverse,
+)
 from torch import nn
-
-from models.registry import register_model
 
 PATCH_SIZE = 4
 NUM_LEVELS = 4
@@ -192,7 +196,6 @@ class FinalPatchExpand(nn.Module):
         return self.norm(x)
 
 
-@register_model("vtunet")
 class VTUNet(nn.Module):
     """VT-UNet for (B, in_channels, *roi_size) inputs, tied to roi_size as the reference is (its token grids
     are fixed at construction): run sliding-window inference with the model's window.
@@ -249,7 +252,8 @@ class VTUNet(nn.Module):
         self.bottleneck_norm = nn.LayerNorm(dims[-1])
         # Decoder levels NUM_LEVELS-2 .. 0: each expands the level below, then refines at its own level.
         self.expands = nn.ModuleList(PatchExpand(dims[i + 1]) for i in range(NUM_LEVELS - 1))
-        self.skip_projections = nn.ModuleList(nn.Linear(2 * dims[i], dims[i], bias=False) for i in range(NUM_LEVELS - 1))
+        self.skip_projections = nn.ModuleList(nn.Linear(2 * dims[i], dims[i], bias=False)
+                                              for i in range(NUM_LEVELS - 1))
         self.decoder_stages = nn.ModuleList(stage(i) for i in range(NUM_LEVELS - 1))
         self.decoder_norm = nn.LayerNorm(embed_dim)
         self.final_expand = FinalPatchExpand(embed_dim)

@@ -101,7 +101,8 @@ def test_flops_all_lists_every_registered_model(tmp_path, monkeypatch, capsys, m
         if counted:
             assert int(row["params"]) > 0 and int(row["flops"]) >= int(row["scan_flops"]) >= 0
             assert int(row["flops"]) >= 2 * int(row["macs"]) > 0
-    assert table[model_without_config]["note"] == f"no config configs/models/{model_without_config.replace('-', '_')}.yaml"
+    config_name = model_without_config.replace("-", "_")
+    assert table[model_without_config]["note"] == f"no config configs/models/{config_name}.yaml"
 
     # EM-Net's row is its own count: parameters of the paper's config at this window, and its scans.
     em_net = models.build_model("em-net", roi_size=window)

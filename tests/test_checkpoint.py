@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import checkpoint
-from checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from core import checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 
 
 def small_net():

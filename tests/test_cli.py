@@ -11,6 +11,7 @@ import yaml
 
 import config
 import main
+from engine import flops
 from models.registry import list_models, register_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,8 @@ def configs(tmp_path):
         "--data_config", write(tmp_path / "d.yaml", {"data": {"name": "toy", "data_dir": str(tmp_path / "toy")}}),
         "--model_config", write(tmp_path / "m.yaml",
                                 {"model": {"name": "clitest-conv", "out_channels": 2, "roi_size": [4, 4, 4]}}),
-        "--trainer_config", write(tmp_path / "t.yaml", {"trainer": {"max_epochs": 2, "device": "cpu"}}),
+        "--trainer_config", write(tmp_path / "t.yaml", {"trainer": {"max_epochs": 2, "warmup_epochs": 1,
+                                                                     "device": "cpu"}}),
     ]
 
 
@@ -153,7 +155,7 @@ def test_default_command_lets_train_py_run_with_the_same_flags(calls, configs):
 def test_flops_counts_a_convolution_exactly(configs, capsys):
     cfg = config.resolve_config(configs[1], configs[3], configs[5])
     # Conv3d 1->2, kernel 3, padding 1 at 4^3: 2 * 64 outputs x 27 multiply-adds each
-    assert main.count_flops(cfg) == {"params": 2 * 27 + 2, "flops": 2 * 2 * 64 * 27, "macs": 2 * 64 * 27,
+    assert flops.count_flops(cfg) == {"params": 2 * 27 + 2, "flops": 2 * 2 * 64 * 27, "macs": 2 * 64 * 27,
                                      "scan_flops": 0}
     main.cli(["flops", *configs])
     out = capsys.readouterr().out
@@ -162,7 +164,10 @@ def test_flops_counts_a_convolution_exactly(configs, capsys):
 
 def test_flops_bad_device_is_a_user_error(configs, capsys):
     code, err = exit_status(["flops", *configs, "--set", "trainer.device=gpu0"], capsys)
-    assert code == 2 and err.startswith("error: flops:") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: --set: trainer.device = 'gpu0'") and err.count("\n") == 1
+    if not torch.cuda.is_available():
+        code, err = exit_status(["flops", *configs, "--set", "trainer.device=cuda"], capsys)
+        assert (code, err) == (2, "error: trainer.device: 'cuda' was asked for but CUDA is not available here\n")
 
 
 def test_bad_key_from_the_command_line_exits_2_with_one_line():

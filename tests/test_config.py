@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 import config
-from config import ConfigError, load_config, resolve_config, run_dir, save_config
+from config import ConfigError, load_config, resolve_config, save_config
 from models.registry import list_models, register_model
 
 
@@ -35,9 +35,9 @@ def write(path, data):
 @pytest.fixture
 def files(tmp_path):
     """One YAML file per layer, each setting trainer.max_epochs (and one key of its own)."""
-    data = write(tmp_path / "d.yaml", {"data": {"name": "toy"}, "trainer": {"max_epochs": 1, "seed": 11}})
-    model = write(tmp_path / "m.yaml", {"model": {"name": "cfgtest-net", "width": 4}, "trainer": {"max_epochs": 2}})
-    trainer = write(tmp_path / "t.yaml", {"trainer": {"max_epochs": 3, "lr": 0.5}})
+    data = write(tmp_path / "d.yaml", {"data": {"name": "toy"}, "trainer": {"max_epochs": 11, "seed": 11}})
+    model = write(tmp_path / "m.yaml", {"model": {"name": "cfgtest-net", "width": 4}, "trainer": {"max_epochs": 12}})
+    trainer = write(tmp_path / "t.yaml", {"trainer": {"max_epochs": 13, "lr": 0.5}})
     return str(data), str(model), str(trainer)
 
 
@@ -59,21 +59,21 @@ def test_defaults_alone_are_the_defaults_file_plus_builder_defaults():
 
 def test_every_layer_overrides_the_one_below(files):
     data, model, trainer = files
-    assert resolve_config(data)["trainer"]["max_epochs"] == 1
-    assert resolve_config(data, model)["trainer"]["max_epochs"] == 2
+    assert resolve_config(data)["trainer"]["max_epochs"] == 11
+    assert resolve_config(data, model)["trainer"]["max_epochs"] == 12
     cfg = resolve_config(data, model, trainer)
-    assert cfg["trainer"]["max_epochs"] == 3
+    assert cfg["trainer"]["max_epochs"] == 13
     # keys set only in lower layers survive the upper ones (deep merge, not section replacement)
     assert cfg["trainer"]["seed"] == 11 and cfg["trainer"]["lr"] == 0.5
     assert cfg["trainer"]["optimizer"] == DEFAULTS["trainer"]["optimizer"]
     assert cfg["data"]["name"] == "toy" and cfg["model"]["width"] == 4
-    cfg = resolve_config(data, model, trainer, overrides=["trainer.max_epochs=4", "trainer.max_epochs=5"])
-    assert cfg["trainer"]["max_epochs"] == 5  # the last --set wins
+    cfg = resolve_config(data, model, trainer, overrides=["trainer.max_epochs=14", "trainer.max_epochs=15"])
+    assert cfg["trainer"]["max_epochs"] == 15  # the last --set wins
 
 
 def test_lists_are_replaced_not_merged(tmp_path):
-    path = write(tmp_path / "d.yaml", {"data": {"spacing": [1.0, 1.0]}})
-    assert resolve_config(str(path))["data"]["spacing"] == [1.0, 1.0]
+    path = write(tmp_path / "d.yaml", {"data": {"spacing": [1.0, 1.0, 3.0]}})
+    assert resolve_config(str(path), overrides=["data.spacing=[2, 2, 2]"])["data"]["spacing"] == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_bare_names_resolve_under_configs_and_paths_are_taken_as_is(tmp_path, mo
     root = tmp_path / "configs"
     write(root / "datasets" / "toy.yaml", {"data": {"name": "toy"}})
     write(root / "datasets" / "other.yaml", {"data": {"name": "other"}})
-    monkeypatch.setattr(config, "CONFIG_DIR", root)
+    monkeypatch.setattr(config.layering, "CONFIG_DIR", root)
     work = tmp_path / "work"
     write(work / "toy.yaml", {"data": {"name": "from-cwd"}})
     write(work / "sub" / "toy", {"data": {"name": "from-subdir"}})
@@ -226,7 +226,8 @@ def test_model_keys_are_checked_against_the_builder(files, tmp_path):
 def test_unknown_model_name_names_the_source_and_a_suggestion(tmp_path):
     path = write(tmp_path / "m.yaml", {"model": {"name": "cfgtest-nett"}})
     message = error(model_config=str(path))
-    assert message.startswith(f"{path}: unknown model 'cfgtest-nett'; did you mean 'cfgtest-net'?")
+    assert message.startswith(f"{path}: model.name = 'cfgtest-nett': unknown model 'cfgtest-nett'; did you mean "
+                              "'cfgtest-net'?")
     assert "model.name must be a string" in error(overrides=["model.name=3"])
 
 
@@ -258,10 +259,10 @@ def test_save_load_round_trip(files, tmp_path):
     assert yaml.safe_load(path.read_text()) == cfg
     assert "roi_size: [128, 128, 128]" in path.read_text()  # short lists stay on one line
     assert load_config(path) == cfg
-    more = load_config(path, ["trainer.max_epochs=9"])
-    assert more["trainer"]["max_epochs"] == 9 and more["model"] == cfg["model"]
+    more = load_config(path, ["trainer.max_epochs=19"])
+    assert more["trainer"]["max_epochs"] == 19 and more["model"] == cfg["model"]
     save_config(more, path)  # overwriting in place
-    assert load_config(path)["trainer"]["max_epochs"] == 9
+    assert load_config(path)["trainer"]["max_epochs"] == 19
 
 
 def test_load_config_validates_again(tmp_path):
@@ -275,11 +276,59 @@ def test_load_config_validates_again(tmp_path):
         load_config(tmp_path / "nothere.yaml")
 
 
-def test_run_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg = resolve_config(overrides=["data.name=toy"])
-    first, second = run_dir(cfg), run_dir(cfg)
-    assert first.parent == Path("runs") / f"{cfg['model']['name']}_toy"
-    assert re.fullmatch(r"\d{8}-\d{6}", first.name)
-    assert first != second and first.is_dir() and second.is_dir()
-    assert run_dir(cfg, tmp_path / "mine") == tmp_path / "mine" and (tmp_path / "mine").is_dir()
+# ---------------------------------------------------------------------------------------------------- value rules
+
+# One value outside its allowed range, length or choices for every key of configs/defaults.yaml.
+BAD_VALUES = {
+    "data.name": "''", "data.data_dir": "''", "data.dataset_json": "' '", "data.split_file": "5",
+    "data.val_fraction": "abc", "data.spacing": "[2.0, 2.0]", "data.orientation": "XYZ",
+    "data.intensity_range": "[250.0, -175.0]", "data.crop_foreground": "maybe", "data.num_samples": "0",
+    "data.crop_sampling": "random", "data.pos": "-1.0", "data.neg": "-0.5", "data.flip_prob": "1.5",
+    "data.rot90_prob": "-0.1", "data.rot90_max_k": "4", "data.intensity_scale": "-0.1",
+    "data.intensity_shift": "-1.0", "data.intensity_prob": "2.0", "data.cache_rate": "1.1",
+    "data.num_workers": "-1", "data.check_intensities": "1",
+    "model.name": "''", "model.in_channels": "0", "model.out_channels": "1", "model.roi_size": "[32, 32]",
+    "trainer.optimizer": "adam", "trainer.lr": "0.0", "trainer.weight_decay": "-0.01", "trainer.momentum": "1.0",
+    "trainer.nesterov": "'yes'", "trainer.max_epochs": "0", "trainer.iters_per_epoch": "0",
+    "trainer.warmup_epochs": "-1", "trainer.batch_size": "0", "trainer.amp": "2", "trainer.val_every": "0",
+    "trainer.deep_supervision_weights": "[1.0, -1.0]", "trainer.grad_clip": "0.0",
+    "trainer.max_nonfinite_steps": "0", "trainer.sync_batchnorm": "null", "trainer.seed": "-1",
+    "trainer.device": "tpu", "trainer.scan_backend": "warp",
+    "inference.split": "train", "inference.val_overlap": "1.0", "inference.overlap": "-0.1",
+    "inference.blend_mode": "linear", "inference.sw_batch_size": "0", "inference.mirror": "'no'",
+    "inference.save_predictions": "[]", "inference.save_overlays": "0",
+}
+
+
+def test_every_default_key_has_a_bad_value_here():
+    keys = {f"{section}.{key}" for section, values in DEFAULTS.items() for key in values}
+    assert keys == set(BAD_VALUES)
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_a_bad_value_of_any_key_is_one_line_naming_the_key_and_its_source(key):
+    message = error(overrides=[f"{key}={BAD_VALUES[key]}"])
+    assert "\n" not in message and message.startswith("--set: ") and f"{key} = " in message, message
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("data.spacing: [2.0, 2.0]", "data.spacing = [2.0, 2.0]: must have 3 values, got 2"),
+    ("data.intensity_range: [250, -175]",
+     "data.intensity_range = [250.0, -175.0]: must be [low, high] with low < high"),
+    ("data.orientation: XYZ", "data.orientation = 'XYZ': must be 3 letters, one of L/R, one of A/P and one of S/I"),
+    ("data.num_samples: 0", "data.num_samples = 0: must be at least 1"),
+    ("data.split_file: 5", "data.split_file = 5: must be a non-empty text"),
+    ("data.val_fraction: abc", "data.val_fraction = 'abc': must be a number"),
+    ("data.num_workers: -1", "data.num_workers = -1: must be at least 0"),
+])
+def test_the_reported_values_are_refused_when_the_config_is_loaded_naming_the_file(tmp_path, value, reason):
+    section, rest = value.split(".", 1)
+    path = write(tmp_path / "d.yaml", f"{section}:\n  {rest}\n")
+    assert error(data_config=str(path)).startswith(f"{path}: {reason}")
+
+
+def test_values_that_clash_name_both_keys_and_their_files(files):
+    data, model, trainer = files
+    message = error(data_config=data, trainer_config=trainer, overrides=["trainer.warmup_epochs=20"])
+    assert message == (f"trainer.warmup_epochs = 20 (--set) and trainer.max_epochs = 13 ({trainer}): the warmup "
+                       "must not be longer than the training")

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from blocks.mamba import BiMamba
 from models import build_model
 from models.em_net import convert_reference_key, convert_reference_state_dict
 from models.layers import EFLLayer, FourierFilter
-from models.mamba import BiMamba
 
 REPO = Path(__file__).resolve().parents[1]
 # Every state_dict key and shape of the reference implementation for its tiny config (EM-Net.md).
@@ -173,7 +173,10 @@ def test_spatial_efl_layout_is_residual_mlp_of_filtered_norm():
     torch.manual_seed(3)
     layer = EFLLayer(4, (3, 5, 2), layout="spatial").double()
     x = torch.randn(1, 4, 3, 5, 2, dtype=torch.float64)
-    ln = lambda t, norm: F.layer_norm(t.movedim(1, -1), (4,), norm.weight, norm.bias, norm.eps).movedim(-1, 1)
+
+    def ln(t, norm):
+        return F.layer_norm(t.movedim(1, -1), (4,), norm.weight, norm.bias, norm.eps).movedim(-1, 1)
+
     filtered = layer.fourier(ln(x, layer.norm1))
     torch.testing.assert_close(layer(x), x + layer.mlp(ln(filtered, layer.norm2)))
 
@@ -189,7 +192,7 @@ def test_efl_layout_is_a_model_argument_with_equal_parameter_counts():
 
 
 def test_reference_checkpoint_with_deep_supervision_loads_strictly_for_training_and_evaluation(tmp_path):
-    import test as evaluation
+    from engine.network import load_network
 
     torch.manual_seed(6)
     source = build_model("em-net", **TINY, deep_supervision=True)
@@ -218,8 +221,8 @@ def test_reference_checkpoint_with_deep_supervision_loads_strictly_for_training_
     path = tmp_path / "reference.pt"
     torch.save({"state_dict": ref_state, "epoch": 3, "best_acc": 0.5}, path)
     cfg = {"model": {"name": "em-net", **TINY, "deep_supervision": True}, "trainer": {"scan_backend": "auto"}}
-    loaded = evaluation.load_model(cfg, path, torch.device("cpu"))
-    assert not hasattr(loaded, "deep_supervision_heads")
+    loaded, trained = load_network(cfg, path, torch.device("cpu"))
+    assert not hasattr(loaded, "deep_supervision_heads") and trained == {"epoch": 3, "iteration": None}
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected_eval, rtol=0, atol=0)
 
@@ -260,7 +263,7 @@ def test_input_of_another_size_names_both_sizes():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"roi_size": [48, 32, 32]}, r"divisible by 32, got \[48, 32, 32\]"),
+        ({"roi_size": [48, 32, 32]}, r"roi_size \[48, 32, 32\] must be positive and divisible by 32"),
         ({"fft_nums": [0, 0, 3, 0]}, r"fft_nums \[0, 0, 3, 0\]"),
         ({"hidden_size": 32}, r"hidden_size \(32\) must equal the last feature_size \(64\)"),
         ({"depths": [2, 2, 2]}, r"depths needs 4 values"),

@@ -15,7 +15,9 @@ import metrics
 import models
 import reports
 import test as evaluation
-from checkpoint import CheckpointError, save_checkpoint
+from core.checkpoint import CheckpointError, save_checkpoint
+from engine.inference import SlidingWindow, infer_volume
+from engine.network import load_network
 
 MODEL = "tiny-eval-net"
 NAMES = ["background", "soft", "bright"]
@@ -139,7 +141,8 @@ def test_evaluate_writes_predictions_metrics_summary_and_overlays(setup, capsys)
     assert by[("case_1", 2)]["hd95"] == pytest.approx(metrics.image_diagonal_mm(SHAPE, SPACING), rel=1e-5)
 
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert summary == reports.summarize(rows, NAMES)
+    checkpoint = {"path": str(ckpt), "epoch": 3, "iteration": None}
+    assert summary == {**reports.summarize(rows, NAMES), "split": "test", "checkpoint": checkpoint}
     assert summary["num_cases"] == 3 and list(summary["per_class"]) == ["soft", "bright"]
     printed = capsys.readouterr().out
     assert "soft" in printed and "bright" in printed and "(3 cases)" in printed
@@ -198,7 +201,7 @@ def test_predict_single_file_and_bad_inputs(setup):
 
 def test_missing_checkpoint_is_a_config_error(setup):
     cfg, ckpt, entries, tmp_path = setup
-    with pytest.raises(config.ConfigError, match="checkpoint not found: .*absent.pt"):
+    with pytest.raises(CheckpointError, match="checkpoint .*absent.pt does not exist"):
         evaluation.evaluate(cfg, tmp_path / "absent.pt")
 
 
@@ -210,7 +213,7 @@ def test_strict_loading_names_missing_and_unexpected_keys(setup):
     bad = tmp_path / "bad.pt"
     save_checkpoint(bad, {"state_dict": sd, "config": cfg})
     with pytest.raises(CheckpointError, match="missing keys 1: head.bias.*unexpected keys 1: extra.weight"):
-        evaluation.load_model(cfg, bad, torch.device("cpu"))
+        load_network(cfg, bad, torch.device("cpu"))
 
 
 def test_loading_error_names_the_model_settings_that_differ(setup):
@@ -218,27 +221,15 @@ def test_loading_error_names_the_model_settings_that_differ(setup):
     other = copy.deepcopy(cfg)
     other["model"]["out_channels"] = 4
     with pytest.raises(CheckpointError, match=r"head.weight .*model.out_channels = 3 \(here 4\)"):
-        evaluation.load_model(other, ckpt, torch.device("cpu"))
+        load_network(other, ckpt, torch.device("cpu"))
 
 
 def test_deep_supervision_heads_are_dropped_and_eval_mode(setup):
     cfg, ckpt, entries, tmp_path = setup
-    model = evaluation.load_model(cfg, ckpt, torch.device("cpu"))
+    model, _ = load_network(cfg, ckpt, torch.device("cpu"))
     assert not model.training
     assert not hasattr(model, "deep_supervision_heads")
     assert model.head.bias.tolist() == [0.0, -2.0, -8.5]
-
-
-def test_bad_inference_settings_are_config_errors(setup):
-    cfg, ckpt, entries, tmp_path = setup
-    model = evaluation.load_model(cfg, ckpt, torch.device("cpu"))
-    image = torch.zeros(1, 1, 16, 16, 8)
-    bad = copy.deepcopy(cfg)
-    bad["inference"]["blend_mode"] = "median"
-    with pytest.raises(config.ConfigError, match="inference.blend_mode"):
-        evaluation.infer_volume(model, image, bad)
-    with pytest.raises(config.ConfigError, match="overlap"):
-        evaluation.infer_volume(model, image, cfg, overlap=1.0)
 
 
 def test_mirroring_averages_softmax_over_flips():
@@ -249,8 +240,7 @@ def test_mirroring_averages_softmax_over_flips():
         net.weight.zero_()
         net.weight[1, 0, 2, 1, 1] = 1.0
     image = torch.randn(1, 1, 8, 8, 8, dtype=torch.float32)
-    cfg = {"model": {"roi_size": [8, 8, 8]}, "trainer": {"amp": False},
-           "inference": {"overlap": 0.0, "blend_mode": "constant", "sw_batch_size": 1, "mirror": False}}
+    window = SlidingWindow((8, 8, 8), overlap=0.0, sw_batch_size=1, blend_mode="constant")
     plus = torch.zeros_like(image)
     plus[:, :, :-1] = image[:, :, 1:]
     minus = torch.zeros_like(image)
@@ -259,10 +249,9 @@ def test_mirroring_averages_softmax_over_flips():
     def softmax_of(shifted):
         return torch.softmax(torch.cat([torch.zeros_like(shifted), shifted], 1).double(), 1)
 
-    plain = evaluation.infer_volume(net, image, cfg)
+    plain = infer_volume(net, image, window)
     torch.testing.assert_close(plain.double(), softmax_of(plus), atol=1e-6, rtol=0)
-    cfg["inference"]["mirror"] = True
-    mirrored = evaluation.infer_volume(net, image, cfg)
+    mirrored = infer_volume(net, image, SlidingWindow((8, 8, 8), 0.0, 1, "constant", mirror=True))
     torch.testing.assert_close(mirrored.double(), (softmax_of(plus) + softmax_of(minus)) / 2, atol=1e-6, rtol=0)
 
 
@@ -278,10 +267,7 @@ def test_cpu_windows_run_one_at_a_time_so_sw_batch_size_leaves_the_output_alone(
     image = torch.randn(1, 1, 20, 18, 12)
     outputs = []
     for sw_batch_size in (1, 4):
-        cfg = {"model": {"roi_size": [8, 8, 8]}, "trainer": {"amp": False},
-               "inference": {"overlap": 0.5, "blend_mode": "gaussian", "sw_batch_size": sw_batch_size,
-                             "mirror": False}}
-        outputs.append(evaluation.infer_volume(model, image, cfg))
+        outputs.append(infer_volume(model, image, SlidingWindow((8, 8, 8), 0.5, sw_batch_size, "gaussian")))
     assert set(batches) == {1} and len(batches) == 2 * 4 * 4 * 2  # windows per axis 4, 4, 2; two runs
     assert torch.equal(outputs[0], outputs[1])
 
@@ -299,12 +285,12 @@ def test_reference_em_net_checkpoint_is_converted(tmp_path):
     cfg = config.read_yaml(config.DEFAULTS_FILE)
     cfg["model"] = {"name": "em-net", "in_channels": 1, "out_channels": 4, "feature_size": [8, 16, 32, 64],
                     "depths": [2, 2, 2, 2], "fft_nums": [0, 0, 2, 2], "hidden_size": 64, "roi_size": [32, 32, 32]}
-    model = evaluation.load_model(cfg, ref, torch.device("cpu"))
+    model, _ = load_network(cfg, ref, torch.device("cpu"))
     torch.testing.assert_close(model.out.conv.conv.weight, sd["out.conv.conv.weight"])
 
 
 def test_run_folder_evaluation_checks_its_output_folder_before_loading_anything(tmp_path):
-    import fileio
+    from core import fileio
 
     run = tmp_path / "run"
     run.mkdir()

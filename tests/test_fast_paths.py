@@ -3,7 +3,7 @@ straightforward code computes: checked in float64 against it, values and every g
 import torch
 import torch.nn.functional as F
 
-from models.mamba import causal_conv1d_silu
+from blocks.causal_conv import causal_conv1d_silu
 
 
 def reference_causal_conv1d_silu(x, weight, bias):

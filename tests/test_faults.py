@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_with_test_net  # noqa: E402  (registers the test network in this process too)
+
 import main  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
+from core.checkpoint import load_checkpoint  # noqa: E402
 from data import generate_synthetic_dataset  # noqa: E402
-from data.preflight import CACHE_NAME, check_datalist  # noqa: E402
+from data.preflight import CACHE_NAME, CACHE_VERSION, check_datalist  # noqa: E402
 
 LAUNCHER = Path(cli_with_test_net.__file__)
 EPOCHS, ITERS = 5, 6  # 30 steps; 2 training cases of batch 1: data passes end mid-epoch
@@ -225,7 +226,7 @@ class NormNet(torch.nn.Module):
 
 def test_train_step_skips_nonfinite_steps_and_tells_amp_overflow_apart():
     """The real train_step with float16 autocast and a GradScaler on the CPU (the CUDA path's logic)."""
-    import train
+    from engine import step as train
 
     torch.manual_seed(0)
     model = NormNet()
@@ -315,7 +316,7 @@ EXPECTED_PROBLEMS = {
     5: r"image .*nan\.nii\.gz: 1 voxels are NaN or infinite",
     6: r"image .*flat\.nii\.gz: 2D of shape \(24, 24\)",
     7: r"image .*channels\.nii\.gz: 4D with 2 volumes, but model\.in_channels is 1",
-    8: r"image .*truncated\.nii\.gz: voxel data unreadable \(truncated\?\)",
+    8: r"image .*truncated\.nii\.gz: voxel data unreadable: compressed data corrupt or truncated",
 }
 
 
@@ -334,19 +335,19 @@ def test_preflight_lists_every_broken_case_before_the_model_is_built(work, broke
 def test_preflight_cache_is_used_and_follows_file_changes(work, broken):
     cfg = main._resolve(main.build_parser().parse_args(train_args(work, "--set", f"data.data_dir={broken}")))
     with pytest.raises(Exception, match="found 8 problem"):
-        check_datalist(cfg)
+        check_datalist(cfg["data"], 1, 9)
     cache = json.loads((broken / CACHE_NAME).read_text())["entries"]
     # voxels read: 7 images (not the 2D one, rejected on its header, nor the truncated one) and 8 labels
     assert sum(k.startswith("image|") for k in cache) == 7 and sum(k.startswith("label|") for k in cache) == 8
     outside = next(k for k in cache if k.startswith(f"label|{broken / 'labels' / 'outside.nii.gz'}|"))
     cache[outside]["values"] = [0.0, 1.0]  # the cache answers for this unchanged file
-    (broken / CACHE_NAME).write_text(json.dumps({"version": 1, "entries": cache}))
+    (broken / CACHE_NAME).write_text(json.dumps({"version": CACHE_VERSION, "entries": cache}))
     with pytest.raises(Exception, match="found 7 problem"):
-        check_datalist(cfg)
+        check_datalist(cfg["data"], 1, 9)
     time.sleep(0.01)
     _save(broken / "labels" / "outside.nii.gz", np.full((24, 24, 16), 9, np.uint8))  # changed: read again
     with pytest.raises(Exception, match=r"(?s)found 8 problem.*outside\.nii\.gz: values 9 outside"):
-        check_datalist(cfg)
+        check_datalist(cfg["data"], 1, 9)
 
 
 def test_predict_refuses_an_image_with_nan_voxels(work, uninterrupted, broken):
@@ -369,7 +370,7 @@ def test_train_loader_draws_depend_only_on_their_place_in_the_stream(work):
 
     def draws(workers, data_pass, position, passes):
         cfg["data"]["num_workers"] = workers
-        loader = make_train_loader(cfg)
+        loader = make_train_loader(cfg["data"], 9, [32, 32, 32], 1, cfg["trainer"]["seed"])
         loader.sampler.start(data_pass, position)
         return [batch for _ in range(passes) for batch in loader]
 
@@ -398,8 +399,8 @@ def test_cuda_device_without_cuda_is_one_line_and_debug_shows_the_traceback(work
 
 
 def test_model_that_cannot_be_built_is_one_line(work, uninterrupted, tmp_path):
-    message = ("error: model 'em-net' cannot be built from the model section: EM-Net roi_size must be 3 positive "
-               "sizes divisible by 32, got [48, 48, 48]")
+    message = ("error: model 'em-net' cannot be built from the model section: EM-Net roi_size [48, 48, 48] must be "
+               "positive and divisible by 32 (its total downsampling)")
     code, err = cli(*train_args(work, "--logdir", str(work / "bad-model"), "--model_config", "em_net_tiny",
                                 "--set", "model.roi_size=[48, 48, 48]"))
     assert code == 2 and "Traceback" not in err and err.splitlines()[-1] == message
@@ -440,8 +441,8 @@ def full_disk(tmp_path):
 
 
 def test_full_disk_is_named_before_training_and_when_saving(work, full_disk):
-    from checkpoint import save_checkpoint
-    from fileio import OutputError
+    from core.checkpoint import save_checkpoint
+    from core.fileio import OutputError
 
     (full_disk / "data").write_bytes(b"\0" * 200 * 1024)
     code, err = cli(*train_args(work, "--logdir", str(full_disk / "run")))
@@ -507,8 +508,8 @@ def _ddp_rank(rank, port, cfg, run_dir, resume):
     torch.set_num_threads(1)
     import gc
 
-    import distributed
     import train
+    from core import distributed
 
     destroy_group = distributed.cleanup
 
@@ -564,3 +565,29 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes_exactly(work
     assert log.count(f"stopped by SIGTERM at epoch {stopped['epoch']}, iteration {stopped['iteration']}") == 1
     assert _ddp_run(cfg, work / "ddp-stopped", resume=work / "ddp-stopped") == [0, 0]
     assert_same_run(latest(work / "ddp-whole"), latest(work / "ddp-stopped"))
+
+
+def test_a_run_folder_made_before_the_redesign_resumes_exactly_and_tests(tmp_path):
+    """tests/data/run_made_before_the_redesign: a 3-epoch run stopped after epoch 2 (SIGTERM), written by the
+    code before the module redesign (commit 533c55d). Resumed here, it must equal that code's own uninterrupted
+    run (run_made_before_the_redesign.epoch3.pt), and `test RUN_DIR` must evaluate both of its checkpoints."""
+    saved = Path(__file__).resolve().parent / "data" / "run_made_before_the_redesign"
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    generate_synthetic_dataset(tmp_path / "phantoms", n_train=2, n_val=1, n_test=1, seed=5)  # the run's data
+    data_dir = f"data.data_dir={tmp_path / 'phantoms'}"
+    run_to_end(["train", "--resume", str(run), "--set", data_dir], tmp_path)
+    resumed = latest(run)
+    expected = load_checkpoint(saved.parent / "run_made_before_the_redesign.epoch3.pt")
+    assert resumed["iteration"] == expected["iteration"] == 9
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    for index, state in expected["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(resumed["optimizer"]["state"][index][name]), torch.as_tensor(value))
+    assert resumed["history"]["loss"] == expected["history"]["loss"]
+
+    out, _ = run_to_end(["test", "--checkpoint", str(run), "--set", data_dir], tmp_path)
+    assert "best (epoch" in out and "latest (epoch 3)" in out
+    for name in ("checkpoint_best", "checkpoint_latest"):
+        assert json.loads((run / "eval" / name / "summary.json").read_text())["num_cases"] == 1

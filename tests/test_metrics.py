@@ -110,7 +110,7 @@ def test_hd95_of_offset_cubes_matches_float64_reference():
 def test_hd95_agrees_with_monai_on_random_blobs():
     rng = np.random.default_rng(0)
     shape = (20, 18, 16)
-    for trial in range(4):
+    for _ in range(4):
         blobs = [ndimage.gaussian_filter(rng.random(shape), 2.0) for _ in range(2)]
         a, b = (x > np.quantile(x, 0.8) for x in blobs)
         spacing = rng.uniform(0.5, 3.0, size=3)
@@ -186,7 +186,8 @@ def test_cropping_to_the_foreground_changes_nothing_at_the_image_border():
             include_background=True, percentile=95, spacing=list(SPACING),
         ).item()
         assert result[c]["hd95"] == pytest.approx(ref, rel=1e-6)
-        assert result[c]["dice"] == pytest.approx(2 * ((pred == c) & (gt == c)).sum() / ((pred == c).sum() + (gt == c).sum()))
+        overlap = ((pred == c) & (gt == c)).sum()
+        assert result[c]["dice"] == pytest.approx(2 * overlap / ((pred == c).sum() + (gt == c).sum()))
 
 
 def test_per_class_metrics_accepts_integral_float_labels_only():

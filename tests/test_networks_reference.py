@@ -8,8 +8,8 @@ import torch
 
 import models
 from config import model_kwargs, resolve_config
+from engine.step import DeepSupervisionLoss
 from networks.nnunet import Mamba, MambaLayer
-from train import DeepSupervisionLoss
 
 # Parameters at roi 128, 1 input channel, 9 classes, measured on the reference code (issue 8).
 PAPER_COUNTS = {

@@ -70,8 +70,11 @@ def test_vtunet_block_tokens_attend_only_within_their_window(shift):
     block = VTBlock(dim, 2, (window,) * 3, (window,) * 3, (shift,) * 3, 4.0, True, 0.0).double().eval()
     mask = compute_mask((size,) * 3, (window,) * 3, (shift,) * 3, "cpu").double() if shift else None
     groups = torch.tensor(shifted_window_groups(size, window, shift))
-    same_group = lambda p: ((groups[:, None, None] == groups[p[0]]) & (groups[None, :, None] == groups[p[1]])
-                            & (groups[None, None, :] == groups[p[2]]))
+
+    def same_group(p):
+        return ((groups[:, None, None] == groups[p[0]]) & (groups[None, :, None] == groups[p[1]])
+                & (groups[None, None, :] == groups[p[2]]))
+
 
     x = torch.randn(1, size, size, size, dim, dtype=torch.float64)
     base, (keys, values) = block(x, mask)

@@ -12,7 +12,7 @@ import pytest
 import config
 import data
 import main
-from data.prepare import default_out, prepare
+from data.prepare import prepare
 from data.synthetic import make_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_synapse_standard_split_remap_and_untouched_images(archive, tmp_path, ca
     assert "training       14 cases" in printed and "test           12 cases" in printed
     assert "spacing      0.70-0.70 x 0.70-0.70 x 3.00-3.00 mm" in printed and "pancreas" in printed
     cfg = config.resolve_config("synapse", overrides=[f"data.data_dir={out}"])
-    lists = data.read_datalist(cfg)
+    lists = data.read_datalist(cfg["data"], cfg["model"]["out_channels"])
     assert [len(lists[s]) for s in ("training", "validation", "test")] == [14, 4, 12]
 
 
@@ -146,7 +146,8 @@ def test_btcv_split_keeps_all_13_organs(archive, tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(str(out / "labelsTr/label0036.nii.gz")).dataobj),
                                   raw_label(archive, 36))
     cfg = config.resolve_config("btcv", overrides=[f"data.data_dir={out}"])
-    assert [len(data.read_datalist(cfg)[s]) for s in ("training", "validation", "test")] == [24, 6, 3]
+    lists = data.read_datalist(cfg["data"], cfg["model"]["out_channels"])
+    assert [len(lists[s]) for s in ("training", "validation", "test")] == [24, 6, 3]
 
 
 def test_msd_task_gets_a_validation_list(tmp_path):
@@ -241,11 +242,17 @@ def test_missing_folder_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_default_output_is_the_configs_data_dir(tmp_path):
-    assert default_out("synapse", tmp_path) == Path("datasets/Synapse")
-    assert default_out("synapse", tmp_path, labels="btcv8") == Path("datasets/Synapse_btcv8")
-    assert default_out("btcv", tmp_path) == Path("datasets/BTCV")
-    assert default_out("msd", tmp_path / "Task07_Pancreas") == Path("datasets/Task07_Pancreas")
+def test_default_output_list_name_and_validation_share_come_from_the_dataset_configs(tmp_path):
+    def defaults(*argv):
+        return main._prepare_defaults(main.build_parser().parse_args(["prepare", *argv]))
+
+    assert defaults("synapse", "--raw", str(tmp_path)) == (Path("datasets/Synapse"), "dataset.json", 0.2)
+    assert defaults("synapse", "--raw", str(tmp_path), "--labels", "btcv8")[0] == Path("datasets/Synapse_btcv8")
+    assert defaults("btcv", "--raw", str(tmp_path))[:2] == (Path("datasets/BTCV"), "dataset_0.json")
+    pancreas = defaults("msd", "--raw", str(tmp_path / "Task07_Pancreas"))
+    assert pancreas[:2] == (Path("datasets/Task07_Pancreas"), "dataset.json")
+    assert pancreas[2] == config.dataset_section("msd_pancreas")["val_fraction"]
+    assert defaults("msd", "--raw", str(tmp_path / "Task07_Pancreas"), "--val_fraction", "0.3")[2] == 0.3
 
 
 def test_prepare_then_train_and_test_best_and_latest_from_the_cli(archive, tmp_path, monkeypatch, capsys):

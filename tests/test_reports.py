@@ -82,7 +82,7 @@ def test_overlay_png(tmp_path):
 
     height, width = matplotlib.image.imread(path).shape[:2]
     assert height > width  # four rows of slices, three columns
-    assert list(reports._overlay_slices(gt, pred, 4)) == [5, 7, 8, 10]  # spread over foreground slices 4..11
+    assert list(reports.figures._overlay_slices(gt, pred, 4)) == [5, 7, 8, 10]  # spread over foreground slices 4..11
     with pytest.raises(ValueError, match="one shape"):
         reports.save_overlay_png(image, gt[:-1], pred, tmp_path / "bad.png")
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.selective_scan as ss
+import blocks.selective_scan as ss
+from blocks import scan_numba, scan_torch
 
 CPU_BACKENDS = [name for name in ss.available_scan_backends() if name != "cuda"]
 
@@ -40,7 +41,8 @@ def make_inputs(batch=2, dim=3, nstate=4, length=150, dtype=torch.float64, extra
               "A": -torch.rand(dim, nstate, generator=g, dtype=dtype) * 4,
               "B": rand(batch, nstate, length), "C": rand(batch, nstate, length)}
     if extras:
-        inputs.update(D=rand(dim), z=rand(batch, dim, length), delta_bias=0.2 * torch.rand(dim, generator=g, dtype=dtype))
+        delta_bias = 0.2 * torch.rand(dim, generator=g, dtype=dtype)
+        inputs.update(D=rand(dim), z=rand(batch, dim, length), delta_bias=delta_bias)
     return inputs
 
 
@@ -54,8 +56,8 @@ def backend(request):
 @pytest.fixture
 def small_chunks(monkeypatch):
     # Chunks of 4 let tiny gradcheck sizes cross several chunk boundaries (L = 11 is no multiple).
-    monkeypatch.setattr(ss, "TORCH_CHUNK", 4)
-    monkeypatch.setattr(ss, "NUMBA_CHUNK", 4)
+    monkeypatch.setattr(scan_torch, "CHUNK", 4)
+    monkeypatch.setattr(scan_numba, "CHUNK", 4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
@@ -139,8 +141,8 @@ def test_backend_selection_and_errors(monkeypatch):
     assert ss.get_scan_backend() == "auto"
 
     calls = []
-    original = ss._SCANS["torch"]
-    monkeypatch.setitem(ss._SCANS, "torch", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = scan_torch.scan
+    monkeypatch.setattr(scan_torch, "scan", lambda *a, **k: calls.append(1) or original(*a, **k))
     inputs = make_inputs(batch=1, dim=2, nstate=2, length=5)
     monkeypatch.setenv(ss.ENV_VAR, "torch")
     ss.selective_scan(**inputs)
@@ -187,3 +189,10 @@ def test_backend_check_script_compares_outputs_and_gradients():
     strict = subprocess.run([sys.executable, str(script), *args, "--tolerance", "1e-12"], capture_output=True,
                             text=True, timeout=300)
     assert strict.returncode == 1 and "FAILED" in strict.stdout  # float32 backends never agree to 1e-12
+
+
+def test_the_public_import_path_is_the_same_scan():
+    import models.selective_scan as public
+
+    assert public.selective_scan is ss.selective_scan and public.set_scan_backend is ss.set_scan_backend
+    assert public.BACKENDS == ss.BACKENDS and public.available_scan_backends is ss.available_scan_backends

@@ -124,9 +124,9 @@ def test_synthetic_config_reads_and_fits_roi(tmp_path):
         cfg[section].update(values)
     cfg["data"]["data_dir"] = str(tmp_path / "synthetic")
     synthetic.ensure_synthetic_dataset(cfg["data"]["data_dir"], n_train=1, n_val=1, n_test=1)
-    dl = data.read_datalist(cfg)
-    assert data.class_names(cfg)[5] == "liver" and len(dl["test"]) == 1
-    out = data.eval_transforms(cfg)(dl["validation"][0])
+    dl = data.read_datalist(cfg["data"], 9)
+    assert data.class_names(cfg["data"], 9)[5] == "liver" and len(dl["test"]) == 1
+    out = data.eval_transforms(cfg["data"])(dl["validation"][0])
     shape = out["image"].shape[1:]
     assert all(32 <= n <= 64 for n in shape), shape  # about 48 x 34 x 50
     assert all(r % 32 == 0 for r in cfg["model"]["roi_size"])

@@ -12,10 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import metrics
 import train
-from checkpoint import RESUME_KEYS, load_checkpoint
 from config import ConfigError, resolve_config
+from core.checkpoint import RESUME_KEYS, load_checkpoint
+from core.distributed import DistContext
 from data import generate_synthetic_dataset
-from distributed import DistContext
+from engine import step as train_step
+from engine.inference import SlidingWindow
 from models import list_models, register_model
 
 TINY = "tiny-train-test-net"
@@ -101,7 +103,7 @@ def test_run_writes_every_output(data_dir, tmp_path):
 
 
 def test_loss_decreases_on_easy_task(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_train_loader", lambda cfg, rank, world: fixed_loader())
+    monkeypatch.setattr(train, "make_train_loader", lambda *args: fixed_loader())
     cfg = make_cfg(data_dir, "trainer.max_epochs=3", "trainer.iters_per_epoch=8", "trainer.val_every=3",
                    "trainer.lr=0.03")
     train.run(cfg, tmp_path)
@@ -131,7 +133,8 @@ def test_crash_then_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeyp
         train.run(cfg, tmp_path / "part")
     crashed = load_checkpoint(tmp_path / "part" / "checkpoint_latest.pt", required_keys=RESUME_KEYS)
     assert (crashed["epoch"], crashed["iteration"], crashed["scheduler"]["last_epoch"]) == (0, 2, 2)
-    assert "training stopped at epoch 0, iteration 2 by KeyboardInterrupt" in (tmp_path / "part" / "train.log").read_text()
+    log = (tmp_path / "part" / "train.log").read_text()
+    assert "training stopped at epoch 0, iteration 2 by KeyboardInterrupt" in log
 
     monkeypatch.setattr(train, "train_step", real_step)
     result = train.run(cfg, tmp_path / "part", resume=tmp_path / "part")
@@ -149,7 +152,7 @@ def test_crash_then_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeyp
 
 
 def test_resume_with_more_epochs_follows_new_schedule(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_train_loader", lambda cfg, rank, world: fixed_loader())
+    monkeypatch.setattr(train, "make_train_loader", lambda *args: fixed_loader())
     train.run(make_cfg(data_dir, "trainer.val_every=2"), tmp_path)
     lrs = []
     real_step = train.train_step
@@ -180,7 +183,7 @@ def test_resume_without_checkpoint_names_the_path(data_dir, tmp_path):
 def test_lr_schedule_matches_hand_computed_values():
     t = {"lr": 0.1, "warmup_epochs": 2, "iters_per_epoch": 5, "max_epochs": 8}  # 10 warmup steps of 40
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=t["lr"])
-    scheduler = train.make_scheduler(optimizer, t)
+    scheduler = train_step.make_scheduler(optimizer, t)
     lrs = []
     for _ in range(40):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -202,7 +205,7 @@ def test_deep_supervision_weights_and_upsampling():
         seen.append(tuple(out.shape))
         return out.mean()
 
-    loss = train.DeepSupervisionLoss(mean_loss, [1.0, 0.25, 0.125])
+    loss = train_step.DeepSupervisionLoss(mean_loss, [1.0, 0.25, 0.125])
     label = torch.zeros(2, 1, 8, 8, 8)
     outputs = [torch.full((2, 3, 8, 8, 8), 2.0), torch.full((2, 3, 2, 2, 2), 4.0), torch.full((2, 3, 1, 1, 1), 8.0)]
     # (1 * 2 + 0.25 * 4 + 0.125 * 8) / 1.375 = 4 / 1.375
@@ -220,15 +223,16 @@ def test_deep_supervision_weights_and_upsampling():
         up.append(out)
         return out.sum()
 
-    train.DeepSupervisionLoss(keep, [1.0, 1.0])([torch.zeros(1, 1, 1, 1, 4), ramp], torch.zeros(1, 1, 1, 1, 4))
+    train_step.DeepSupervisionLoss(keep, [1.0, 1.0])([torch.zeros(1, 1, 1, 1, 4), ramp], torch.zeros(1, 1, 1, 1, 4))
     torch.testing.assert_close(up[1].flatten(), torch.tensor([0.0, 0.25, 0.75, 1.0]))
 
 
 def test_deep_supervision_run_with_real_dice_ce(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_train_loader", lambda cfg, rank, world: fixed_loader())
+    monkeypatch.setattr(train, "make_train_loader", lambda *args: fixed_loader())
     cfg = make_cfg(data_dir, "model.deep_supervision=true", "trainer.max_epochs=1")
     result = train.run(cfg, tmp_path)
-    assert result["iterations"] == 3 and math.isfinite(load_checkpoint(result["latest_checkpoint"])["history"]["loss"][0])
+    loss = load_checkpoint(result["latest_checkpoint"])["history"]["loss"][0]
+    assert result["iterations"] == 3 and math.isfinite(loss)
 
 
 class IntensityToClass(nn.Module):
@@ -248,10 +252,9 @@ def test_validate_scores_like_test_with_the_empty_mask_rule():
     image[0, 0, 15, 15, 9] = 1  # one false positive of class 1
     loader = [{"image": image, "label": label}]
     spacing = [1.5, 1.0, 2.0]
-    cfg = {"model": {"out_channels": 4, "roi_size": [8, 8, 8]}, "data": {"spacing": spacing},
-           "inference": {"sw_batch_size": 4, "val_overlap": 0.5, "blend_mode": "constant"}}
+    window = SlidingWindow((8, 8, 8), overlap=0.5, sw_batch_size=4, blend_mode="constant")
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    result = train.validate(IntensityToClass(), loader, cfg, ctx)
+    result = train.validate(IntensityToClass(), loader, 4, spacing, window, ctx)
     dice1 = 2 * 6 / (7 + 8)
     assert result["class_dice"] == pytest.approx([dice1, 1.0, 1.0])  # both empty: Dice 1, as in test
     assert result["mean_dice"] == pytest.approx((dice1 + 2.0) / 3)
@@ -263,25 +266,21 @@ def test_validate_scores_like_test_with_the_empty_mask_rule():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("optimizer", "adam", "choose adamw or sgd"),
-    ("iters_per_epoch", 0, "at least 1"),
-    ("warmup_epochs", 5, "0..max_epochs"),
-    ("deep_supervision_weights", [1.0, -1.0], "non-negative"),
-    ("grad_clip", 0.0, "positive number or null"),
+    ("optimizer", "adam", "choose one of adamw, sgd"),
+    ("iters_per_epoch", 0, "must be at least 1"),
+    ("warmup_epochs", 5, "the warmup must not be longer than the training"),
+    ("deep_supervision_weights", [1.0, -1.0], "each value must be at least 0"),
+    ("grad_clip", 0.0, "must be above 0"),
 ])
-def test_bad_trainer_values_are_named(data_dir, key, value, message):
-    cfg = make_cfg(data_dir)
-    cfg["trainer"][key] = value
-    with pytest.raises(ConfigError, match=f"trainer.{key}.*{message}"):
-        train._check_trainer_config(cfg)
+def test_bad_trainer_values_are_named_when_the_config_is_loaded(data_dir, key, value, message):
+    with pytest.raises(ConfigError, match=f"trainer.{key} = .*{message}"):
+        make_cfg(data_dir, f"trainer.{key}={value}")
 
 
 def test_distributed_helpers_single_process():
-    import distributed
+    from core import distributed
 
     x = torch.tensor([1.0, 3.0])
-    assert distributed.world_size() == 1 and distributed.is_main_process()
-    torch.testing.assert_close(distributed.all_reduce_mean(x), x)
     with pytest.raises(ValueError, match="trainer.device: 'tpu'"):
         distributed.resolve_device("tpu")
     assert distributed.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +293,7 @@ def _ddp_worker(rank, world_size, port, data_dir, run_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train.make_train_loader = lambda cfg, rank, world: fixed_loader()
+    train.make_train_loader = lambda *args: fixed_loader()
     seen = {}
     real_step = train.train_step
 
@@ -338,9 +337,8 @@ def test_two_process_ddp_on_cpu(data_dir, tmp_path):
 @pytest.mark.parametrize("name, optimizer, lr", [("sgd", torch.optim.SGD, 1e-2), ("adamw", torch.optim.AdamW, 3e-4),
                                                  ("synthetic", torch.optim.AdamW, 5e-3)])
 def test_trainer_configs_resolve_and_build(name, optimizer, lr):
-    cfg = resolve_config(trainer_config=name)
-    train._check_trainer_config(cfg)
-    built = train.make_optimizer(nn.Linear(2, 2), cfg["trainer"])
+    cfg = resolve_config(trainer_config=name)  # its values pass the checks of config/rules.py
+    built = train_step.make_optimizer(nn.Linear(2, 2), cfg["trainer"])
     assert isinstance(built, optimizer) and built.param_groups[0]["lr"] == lr
     if name == "sgd":  # the reference protocol
         group = built.param_groups[0]

@@ -1,46 +1,16 @@
-"""Bidirectional Mamba ("v2": one in/out projection, a scan of its own for each direction).
+"""Mamba blocks: one scan direction, the projections around named directions, bidirectional Mamba ("v2":
+one in/out projection, a scan of its own for each direction) and forward-only Mamba.
 
-The selective scan and the causal convolution go through backends: the CUDA kernels of mamba-ssm and
-causal-conv1d when the tensors are on a GPU and the packages import, portable code everywhere else.
+The selective scan and the causal convolution go through their backends (selective_scan.py, causal_conv.py).
 """
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_conv import causal_conv1d_silu
 from .selective_scan import selective_scan
-
-
-@functools.cache
-def _cuda_causal_conv1d():
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except ImportError:
-        return None
-    return causal_conv1d_fn
-
-
-def causal_conv1d_silu(x, weight, bias):
-    """Depthwise causal convolution along L followed by SiLU; x (B, E, L), weight (E, 1, K)."""
-    if x.is_cuda:
-        kernel = _cuda_causal_conv1d()
-        if kernel is not None:
-            # The kernel wants L contiguous; x arrives channels-last from the input projection.
-            return kernel(x.contiguous(), weight.squeeze(1), bias, activation="silu")
-    # One multiply-add per tap on the left-padded input instead of F.conv1d(groups=E): on the CPU the
-    # depthwise convolution, its backward above all, took a quarter of EM-Net's training step
-    # (docs/benchmarks.md); the same sums, term by term.
-    width, length = weight.shape[-1], x.shape[-1]
-    padded = F.pad(x, (width - 1, 0))
-    taps = weight[:, 0, :, None]  # (E, K, 1)
-    out = taps[:, 0] * padded[..., :length]
-    for k in range(1, width):
-        out = torch.addcmul(out, taps[:, k], padded[..., k:k + length])
-    if bias is not None:
-        out = out + bias[:, None]
-    return F.silu(out)
 
 
 class ScanDirection(nn.Module):
@@ -116,3 +86,16 @@ class BiMamba(MambaProjections):
         y_forward = self.forward_scan(x, z)
         y_backward = self.backward_scan(x.flip(-1), z.flip(-1)).flip(-1)
         return self.output(y_forward + y_backward)
+
+
+class Mamba(MambaProjections):
+    """Mamba (Gu and Dao 2023) reading the sequence forwards only, as mamba-ssm's `Mamba`: the same
+    projections around a single scan direction."""
+
+    def __init__(self, dim, d_state=16, d_conv=4, expand=2):
+        super().__init__(dim, ("forward_scan",), d_state, d_conv, expand)
+
+    def forward(self, tokens):
+        """tokens: (B, L, C) -> (B, L, C)."""
+        x, z = self.project(tokens)
+        return self.output(self.forward_scan(x, z))

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saving, loading with clear errors, strict weight loading, RNG capture.
+"""Checkpoints: what one holds for resume (`snapshot`) and how a run is restored from it (`restore`),
+atomic saving, loading with clear errors, strict weight loading, random-stream capture.
 
 A training checkpoint is a dict with RESUME_KEYS; a checkpoint of the reference implementation
 ({"state_dict", "epoch", "best_acc"}) loads too, for evaluation. Files are read with
@@ -6,11 +7,13 @@ torch.load(weights_only=True): a checkpoint holds tensors and plain Python value
 """
 import os
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fileio import atomic_path
+from core.errors import CheckpointError, ConfigError
+from core.fileio import atomic_path
 
 RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "scaler", "epoch", "iteration", "best_metric",
                "rng", "config", "history")
@@ -20,10 +23,66 @@ _NP_CORE = getattr(np, "_core", None) or np.core
 _NUMPY_SCALARS = [_NP_CORE.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, unreadable or does not fit the model."""
+def _new_history():
+    return {"epoch": [], "loss": [], "lr": [], "val_epoch": [], "val_dice": [], "val_class_dice": {}}
 
-    exit_code = 2  # a user error: one line at the CLI
+
+@dataclass
+class TrainState:
+    """Counters of a run; `epoch` counts completed epochs, `iteration` completed optimizer steps (skipped
+    ones included: each consumed its batch and its learning rate step)."""
+    epoch: int = 0
+    iteration: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    history: dict = field(default_factory=_new_history)
+    epoch_loss_sum: float = 0.0  # over the finite steps of the current epoch so far, on this rank
+    epoch_loss_steps: int = 0
+    skipped: dict = field(default_factory=lambda: {"nonfinite": 0, "amp_overflow": 0, "nonfinite_in_a_row": 0})
+    last_saved: tuple | None = None  # (epoch, iteration) of the newest checkpoint_latest.pt
+
+
+def snapshot(model, optimizer, scheduler, scaler, state, cfg, rng_by_rank, loss_by_rank):
+    """Everything a resume needs, as a checkpoint dict. `rng_by_rank` holds every rank's random streams and
+    `loss_by_rank` every rank's partial epoch loss [sum, steps], both as of the same step boundary."""
+    return {"state_dict": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state.epoch,
+            "iteration": state.iteration, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "rng": rng_by_rank[0], "rng_by_rank": rng_by_rank, "config": cfg, "history": state.history,
+            "epoch_loss_by_rank": loss_by_rank, "skipped": dict(state.skipped)}
+
+
+def check_resumable(ckpt, cfg, path):
+    """A ConfigError when `cfg` cannot continue the run saved in `ckpt` (read from `path`)."""
+    saved = ckpt["config"]["trainer"]["iters_per_epoch"]
+    if saved != cfg["trainer"]["iters_per_epoch"]:  # epochs are counted in iterations: the counters would disagree
+        raise ConfigError(f"--resume {os.path.dirname(os.fspath(path))}: trainer.iters_per_epoch was {saved}; it "
+                          f"cannot change on resume (got {cfg['trainer']['iters_per_epoch']})")
+
+
+def restore(ckpt, path, model, optimizer, scheduler, scaler, rank, world_size, seed):
+    """Load a `snapshot` into the model, optimizer, scheduler and scaler, restore this rank's random streams,
+    and return its TrainState. A checkpoint saved with another world size restores rank 0's streams on rank 0
+    and seeds the others afresh (replaying rank 0's streams would repeat its dropout masks)."""
+    load_model_weights(model, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs, losses = ckpt.get("rng_by_rank") or [], ckpt.get("epoch_loss_by_rank") or []
+    if len(rngs) == world_size:
+        restore_rng(rngs[rank])
+    elif rank == 0:
+        restore_rng(ckpt["rng"])
+    else:
+        seed_everything(seed + rank + ckpt["iteration"])
+    loss_sum, loss_steps = losses[rank] if len(losses) == world_size else (
+        losses[0] if losses and rank == 0 else (0.0, 0))
+    state = TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], best_metric=ckpt["best_metric"],
+                       best_epoch=ckpt.get("best_epoch"), history=ckpt["history"], epoch_loss_sum=loss_sum,
+                       epoch_loss_steps=loss_steps, last_saved=(ckpt["epoch"], ckpt["iteration"]))
+    state.skipped.update(ckpt.get("skipped", {}))
+    return state
 
 
 def save_checkpoint(path, state):
@@ -129,6 +188,13 @@ def capture_rng():
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
+
+
+def seed_everything(seed):
+    """Seed Python's, numpy's and torch's (CPU and CUDA) random streams."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def restore_rng(state):

@@ -9,11 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from config import ConfigError
-
-
-class DeviceError(ConfigError, ValueError):
-    """trainer.device names a device this machine does not have."""
+from core.errors import DeviceError
 
 
 @dataclass(frozen=True)
@@ -79,18 +75,6 @@ def init(device_name="auto"):
     return DistContext(rank, world_size, local_rank, device)
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def is_main_process():
-    return rank() == 0
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -128,11 +112,6 @@ def all_gather_object(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def all_reduce_mean(tensor):
-    """Mean of `tensor` over all processes."""
-    return all_reduce_sum(tensor) / world_size()
 
 
 def cleanup():

@@ -1,4 +1,4 @@
-"""The check every baseline builder makes of its training window (roi_size)."""
+"""The check every network builder makes of its training window (roi_size)."""
 import math
 
 

@@ -1,11 +1,12 @@
-"""Configuration: layered YAML files plus --set overrides, validated into one plain nested dict.
+"""Layered YAML files plus --set overrides, merged and validated into one plain nested dict.
 
 Layers, lowest first: configs/defaults.yaml < dataset < model < trainer < overrides ("key.sub=value").
 Every key must exist in defaults.yaml, except under `model:`, whose keys are `name` plus the registered
-builder's arguments; the resolved config lists every effective value, builder defaults included.
+builder's arguments; the resolved config lists every effective value, builder defaults included. Every
+value is checked once, here: its type against the default's, then its range, length or allowed values
+(config/rules.py); an error names the key and the file (or --set) that gave it.
 """
 import copy
-import datetime
 import difflib
 import inspect
 import os
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from fileio import OutputError, atomic_path, location_error
+from core.errors import ConfigError
+from core.fileio import atomic_path
 
-ROOT = Path(__file__).resolve().parent
+from .rules import check_values
+
+ROOT = Path(__file__).resolve().parents[1]  # the project folder
 CONFIG_DIR = ROOT / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 KINDS = {"data": "datasets", "model": "models", "trainer": "trainers"}
@@ -32,10 +36,6 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
-
-
-class ConfigError(Exception):
-    """A mistake of the user (bad config, missing file): the CLI prints it as one line and exits with 2."""
 
 
 def available(kind):
@@ -54,6 +54,11 @@ def config_path(kind, name):
         names = ", ".join(available(kind)) or "none"
         raise ConfigError(f"config file {_label(path)} not found; available {kind}: {names}")
     return path
+
+
+def dataset_section(name):
+    """The `data:` section of configs/datasets/<name>.yaml as written (not layered on the defaults)."""
+    return read_yaml(config_path("datasets", name)).get("data", {})
 
 
 def read_yaml(path):
@@ -113,43 +118,6 @@ def save_config(cfg, path):
     return Path(path)
 
 
-# What a training run writes into its folder (removed by --overwrite, and after a failed start).
-RUN_FILES = ("checkpoint_latest.pt", "checkpoint_best.pt", "config.yaml", "train.log", "progress.png",
-             "events.out.tfevents.*")
-
-
-def run_dir(cfg, logdir=None, overwrite=False):
-    """Create and return the run folder: `logdir` if given, else runs/<model>_<data>/<YYYYmmdd-HHMMSS>
-    (with a -1, -2 ... suffix when two runs start in the same second). A `logdir` that holds a checkpoint
-    is refused (ConfigError) unless `overwrite`, which removes that run's files first."""
-    if logdir is not None:
-        path = Path(logdir)
-        held = sorted(p.name for p in path.glob("checkpoint_*.pt")) if path.is_dir() else []
-        if held and not overwrite:
-            raise ConfigError(f"--logdir {path} already holds a run ({', '.join(held)}); continue it with "
-                              f"--resume {path}, or pass --overwrite to replace it")
-        if overwrite:
-            for pattern in RUN_FILES:
-                for old in path.glob(pattern):
-                    old.unlink()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"--logdir {path} cannot be created: {location_error(err) or err.strerror}") from None
-        return path
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    parent = Path("runs") / f"{cfg['model']['name']}_{cfg['data']['name']}"
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1000):
-        path = parent / (stamp if n == 0 else f"{stamp}-{n}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"could not create a new run folder under {parent}")
-
-
 def model_kwargs(cfg):
     """The builder's keyword arguments from cfg["model"] (keys the builder does not take are left out)."""
     model = cfg["model"]
@@ -179,6 +147,7 @@ def _resolve(layers, overrides):
         keys, value = parse_override(text)
         _merge(cfg, _nest(keys, value), sources, SET_SOURCE)
     _validate(cfg, defaults, sources)
+    check_values(cfg, lambda path: _source(sources, path))
     return cfg
 
 
@@ -275,14 +244,13 @@ def _validate_model(values, base, sources):
 
 
 def _model_arguments(name, source):
-    # Imported here so that reading a config does not pull in torch.
-    import models  # noqa: F401  (registers EM-Net)
-    from models.registry import model_defaults
+    # Imported here so that a config error is reported before torch is loaded.
+    import models
 
     try:
-        return model_defaults(name)
+        return models.model_defaults(name)
     except KeyError as err:
-        raise ConfigError(f"{source}: {err.args[0]}") from None
+        raise ConfigError(f"{source}: model.name = {name!r}: {err.args[0]}") from None
 
 
 def _plain(value):

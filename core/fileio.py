@@ -5,16 +5,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
+from core.errors import OutputError
+
 # errno values that mean "this location cannot take the output", not a bug
 _LOCATION_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
                     errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
                     errno.ENOTDIR: "a parent is not a folder", errno.EISDIR: "is a folder"}
-
-
-class OutputError(OSError):
-    """An output location that cannot be written (missing permission, read-only, disk full); one line at the CLI."""
-
-    exit_code = 2
 
 
 def current_umask():

@@ -1,0 +1,36 @@
+"""mamba-ssm's CUDA selective-scan kernel, imported on first use so that nothing needs mamba-ssm off a GPU."""
+import functools
+
+import torch
+
+
+@functools.cache
+def _kernel():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):
+        return None
+    return selective_scan_fn
+
+
+def unavailable():
+    """Why this backend cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if _kernel() is None:
+        return "mamba-ssm does not import (pip install -r requirements-cuda.txt --no-build-isolation)"
+    return None
+
+
+def unsupported(u):
+    """Why this backend cannot take tensors like `u`, or None."""
+    if not u.is_cuda:
+        return f"it needs CUDA tensors, got {u.device}"
+    if u.dtype == torch.float64:
+        return "it does not support float64"
+    return None
+
+
+def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return _kernel()(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                     return_last_state=False)

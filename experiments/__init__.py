@@ -1,0 +1,1 @@
+"""Experiments: grids of runs, their launchers and the comparison report."""

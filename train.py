@@ -248,7 +248,8 @@ class Trainer:
         state = self.state
         where = f"training stopped at epoch {state.epoch}, iteration {state.iteration} by {type(err).__name__}"
         if self.ctx.world_size > 1:
-            log.error("%s; %s", where, self._last_good())
+            log.error("%s; nothing saved, as a mid-epoch checkpoint needs every process's state and another "
+                      "process may have died. %s", where, self._last_good())
             return
         try:
             self.save(self.run_dir.latest)

@@ -2,8 +2,9 @@
 
 Forward: one prange task per (batch, channel) row, the state kept in registers/L1; it stores the state at
 every chunk start (batch x D x L/CHUNK x N), never the per-step states. Backward recomputes a chunk's states
-from its start, then walks it in reverse. dB, dC and dA are sums over channels, so rows are split into one
-group per thread and each group owns its partial sums.
+from its start, then walks it in reverse. dB, dC and dA are sums over channels: rows are split into GROUPS
+fixed groups, each owning its partial sums, which are added afterwards in group order, so the result does
+not depend on the number of threads.
 """
 import math
 
@@ -16,6 +17,9 @@ except ImportError:
     _numba = None
 
 CHUNK = 64
+# Partial sums of the backward: a fixed count (not one per thread) keeps the sums' order, and so their last
+# digits, independent of the thread count; each group holds batch x L x N values for dB and for dC.
+GROUPS = 8
 # Reassociation lets LLVM vectorise the sums over N; no nnan/ninf, so inf/nan still propagate.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -202,7 +206,7 @@ class _NumbaScan(torch.autograd.Function):
         u, delta, A, Bt, Ct, Dv, zz, bias, states = ctx.saved_tensors
         softplus, has_z, chunk = ctx.flags
         batch, dim, length = u.shape
-        groups = max(1, min(_numba.get_num_threads(), batch * dim))
+        groups = max(1, min(GROUPS, batch * dim))
         du, ddelta, dz = (torch.empty_like(u) for _ in range(3))
         parts = [torch.zeros(groups, *shape, dtype=u.dtype) for shape in
                  (A.shape, Bt.shape, Ct.shape, (dim,), (dim,))]

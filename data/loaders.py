@@ -90,10 +90,18 @@ class SeededDraws(torch.utils.data.Dataset):
 
 
 def _ignore_stop_signals(worker_id):
-    # Ctrl-C reaches the whole process group: the main process alone decides to stop, saves, and shuts
-    # the workers down; a worker that died first would turn a clean stop into a loader error.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group, and SLURM signals every process of a job: the main process
+    # alone decides to stop, saves, and shuts the workers down; a worker that died first would turn a clean
+    # stop into a loader error.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _own_generator(seed):
+    """A loader's own random generator. Without one, each new iterator draws its base seed from the global
+    torch stream the model's dropout uses, and MONAI's DataLoader with 0 workers re-seeds that stream at
+    construction: a run's result would depend on data.num_workers."""
+    return torch.Generator().manual_seed(seed)
 
 
 def make_train_loader(d, num_classes, roi_size, batch_size, seed, rank=0, world_size=1):
@@ -115,9 +123,7 @@ def make_train_loader(d, num_classes, roi_size, batch_size, seed, rank=0, world_
         # indices of class k") appear once instead of once a pass. Their copies of the transforms are
         # reseeded before every draw, so keeping them changes no result.
         persistent_workers=d["num_workers"] > 0,
-        # Its own generator: otherwise each new pass's iterator, and MONAI's DataLoader at construction
-        # (which re-seeds the global generator), would draw from the torch RNG the model's dropout uses.
-        generator=torch.Generator().manual_seed(seed),
+        generator=_own_generator(seed),
         drop_last=False,
     )
 
@@ -137,6 +143,8 @@ def make_eval_loader(d, num_classes, split):
         batch_size=1,
         shuffle=False,
         num_workers=d["num_workers"],
+        worker_init_fn=_ignore_stop_signals,
+        generator=_own_generator(0),  # the volumes are not random: any seed will do
     )
 
 
@@ -155,4 +163,6 @@ def make_predict_loader(d, image_paths):
         batch_size=1,
         shuffle=False,
         num_workers=d["num_workers"],
+        worker_init_fn=_ignore_stop_signals,
+        generator=_own_generator(0),
     )

@@ -16,8 +16,10 @@ from engine.network import build_network
 from models import complexity
 
 CALFLOPS_INSTALL = "pip install -r requirements-flops.txt"
-# {version}: the torchvision pip chose for this torch
-TORCHVISION_CPU_INSTALL = "pip install torchvision=={version} --index-url https://download.pytorch.org/whl/cpu"
+# {version}: the torchvision pip chose for this torch. The +cpu label makes pip replace the installed build
+# (for ==version alone it answers "already satisfied"); --no-deps keeps the torch that is there.
+TORCHVISION_CPU_INSTALL = ("pip install torchvision=={version}+cpu --no-deps "
+                           "--index-url https://download.pytorch.org/whl/cpu")
 
 # Columns of the `flops --all` table: (key in a result row, heading, formatter of the raw number).
 TABLE_COLUMNS = (

@@ -7,13 +7,17 @@ import torch
 from core import distributed
 from core.errors import NonFiniteTraining, TrainingInterrupted
 
+# SIGUSR2: SLURM's warning before a time limit (submitit's requeue signal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
 
 class StopGuard:
     """Stop signals and crash-saving around training, as one context manager.
 
-    SIGINT and SIGTERM ask for a stop after the current step (`requested`); the same signal a second time
-    stops at once (KeyboardInterrupt). Any other exception leaving the block calls `on_crash(err)` (set once
-    there is something to save) before it goes on."""
+    SIGINT, SIGTERM and SIGUSR2 ask for a stop after the current step (`requested`); the first one received
+    is the one reported. A second Ctrl-C stops at once (KeyboardInterrupt); a repeated SIGTERM does not, as
+    SLURM sends two in a row. Any other exception leaving the block calls `on_crash(err)` (set once there is
+    something to save) before it goes on."""
 
     def __init__(self):
         self.received = 0
@@ -22,17 +26,18 @@ class StopGuard:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.received == signum:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = max(self.received, signum)
+        self.received = self.received or signum
 
     def requested(self, ctx):
-        """The signal any rank received (0: none); every rank gets the same answer, so all stop together."""
+        """The signal a rank received (0: none; the highest number where ranks differ); every rank gets the same
+        answer, so all stop together."""
         if ctx.world_size == 1:
             return self.received
         return int(distributed.all_reduce_max(torch.tensor(self.received, device=ctx.device)).item())

@@ -146,4 +146,6 @@ def test_calflops_counter_with_a_torchvision_that_does_not_load_says_which_build
     installed = version("torchvision").split("+")[0]
     assert (f"torchvision {installed} does not load with torch {torch.__version__} (RuntimeError: operator "
             f"torchvision::nms does not exist)") in err
-    assert err.endswith(f"pip install torchvision=={installed} --index-url https://download.pytorch.org/whl/cpu\n")
+    # +cpu: for ==version alone pip answers "already satisfied" and replaces nothing
+    assert err.endswith(f"pip install torchvision=={installed}+cpu --no-deps "
+                        "--index-url https://download.pytorch.org/whl/cpu\n")

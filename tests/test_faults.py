@@ -12,6 +12,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -88,6 +89,12 @@ def signal_at(args, cwd, signum, iteration):
     return process.returncode, err.decode(errors="replace")
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def latest(run):
     return load_checkpoint(run / "checkpoint_latest.pt")
 
@@ -137,6 +144,8 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_result(work, uninte
         assert latest(run)["iteration"] == stopped and stopped % ITERS, why  # mid-epoch, saved where it stopped
         assert f"resume with: python main.py train --resume {run}" in err
         assert err.count("Traceback") == 0 and f"error: stopped by {signum.name}" in err
+        assert err.count(f"stopped by {signum.name}") == 1  # main.py's line only; train.log has it too
+        assert (run / "train.log").read_text().count(f"stopped by {signum.name} at epoch") == 1
 
     resume[-1] = "data.num_workers=0"
     run_to_end(resume, work)
@@ -528,26 +537,23 @@ def _ddp_rank(rank, port, cfg, run_dir, resume):
         sys.exit(stop.exit_code)
 
 
-def _ddp_run(cfg, run_dir, resume=None, sigterm_rank1_after=None):
-    """Two forked ranks (gloo); returns their exit codes. With `sigterm_rank1_after`, rank 1 alone gets
-    SIGTERM once train.log holds that text."""
+def _ddp_run(cfg, run_dir, resume=None, signal_rank1_after=None, signum=signal.SIGTERM):
+    """Two forked ranks (gloo); returns their exit codes. With `signal_rank1_after`, rank 1 alone gets
+    `signum` once train.log holds that text."""
     import multiprocessing
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = multiprocessing.get_context("fork")  # reuses this process's imports
     ranks = [context.Process(target=_ddp_rank, args=(r, port, cfg, run_dir, resume)) for r in (0, 1)]
     for process in ranks:
         process.start()
     deadline = time.monotonic() + 240
-    if sigterm_rank1_after is not None:
+    if signal_rank1_after is not None:
         log = run_dir / "train.log"
-        while not (log.is_file() and sigterm_rank1_after in log.read_text()) and time.monotonic() < deadline:
+        while not (log.is_file() and signal_rank1_after in log.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # a few steps into the next epoch, usually
-        os.kill(ranks[1].pid, signal.SIGTERM)
+        os.kill(ranks[1].pid, signum)
     for process in ranks:
         process.join(max(deadline - time.monotonic(), 1))
         if process.is_alive():
@@ -558,7 +564,7 @@ def _ddp_run(cfg, run_dir, resume=None, sigterm_rank1_after=None):
 def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes_exactly(work):
     cfg = main._resolve(main.build_parser().parse_args(train_args(work, "--set", "trainer.max_epochs=3")))
     assert _ddp_run(cfg, work / "ddp-whole") == [0, 0]
-    assert _ddp_run(cfg, work / "ddp-stopped", sigterm_rank1_after="epoch 1: loss") == [143, 143]
+    assert _ddp_run(cfg, work / "ddp-stopped", signal_rank1_after="epoch 1: loss") == [143, 143]
     stopped = latest(work / "ddp-stopped")
     assert ITERS <= stopped["iteration"] < 3 * ITERS and len(stopped["rng_by_rank"]) == 2  # both ranks' streams
     log = (work / "ddp-stopped" / "train.log").read_text()
@@ -591,3 +597,168 @@ def test_a_run_folder_made_before_the_redesign_resumes_exactly_and_tests(tmp_pat
     assert "best (epoch" in out and "latest (epoch 3)" in out
     for name in ("checkpoint_best", "checkpoint_latest"):
         assert json.loads((run / "eval" / name / "summary.json").read_text())["num_cases"] == 1
+
+
+def test_sigkill_of_one_rank_keeps_the_last_complete_checkpoint_and_resumes_exactly(work):
+    """Rank 0 outlives a SIGKILLed rank 1 only to fail at its next collective: it must not replace the
+    epoch-end checkpoint, which every rank contributed to, with a mid-epoch one holding its own state alone."""
+    cfg = main._resolve(main.build_parser().parse_args(train_args(work, "--set", "trainer.max_epochs=3")))
+    if not (work / "ddp-whole").is_dir():
+        assert _ddp_run(cfg, work / "ddp-whole") == [0, 0]
+    codes = _ddp_run(cfg, work / "ddp-killed", signal_rank1_after="epoch 1: loss", signum=signal.SIGKILL)
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0
+    kept = latest(work / "ddp-killed")
+    assert kept["iteration"] % ITERS == 0 and len(kept["rng_by_rank"]) == 2  # an epoch end, both ranks' streams
+    assert "a mid-epoch checkpoint needs every process" in (work / "ddp-killed" / "train.log").read_text()
+    assert _ddp_run(cfg, work / "ddp-killed", resume=work / "ddp-killed") == [0, 0]
+    assert_same_run(latest(work / "ddp-whole"), latest(work / "ddp-killed"))
+
+
+# ---- nothing lost, nothing silently wrong ---------------------------------------------------------------------
+
+
+def files_under(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_changes_nothing_on_disk(work, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(work / "whole", run)
+    before = files_under(run)
+    code, err = cli("train", "--resume", str(run), "--set", "trainer.iters_per_epoch=9")
+    assert code == 2 and err.splitlines()[-1] == (f"error: --resume {run}: trainer.iters_per_epoch was {ITERS}; it "
+                                                  "cannot change on resume (got 9)")
+    assert files_under(run) == before
+    code, err = cli("train", "--resume", str(run), "--set", f"trainer.max_epochs={EPOCHS + 1}")  # still resumes
+    assert code == 0, err
+    assert latest(run)["iteration"] == (EPOCHS + 1) * ITERS
+
+
+def test_the_users_files_in_a_logdir_are_never_lost(work, uninterrupted, tmp_path, broken):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("config.yaml", "train.log", "notes.txt"):
+        (mine / name).write_text(f"my {name}")
+    code, err = cli(*train_args(work, "--logdir", str(mine)))
+    assert code == 2 and f"--logdir {mine} holds config.yaml, train.log, which a new run would replace" in err
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {n: f"my {n}" for n in
+                                                               ("config.yaml", "train.log", "notes.txt")}
+
+    # --overwrite, then a failed data check: the old run is back as it was, its evaluation included
+    run = tmp_path / "run"
+    shutil.copytree(work / "whole", run)
+    (run / "notes.txt").write_text("mine")
+    (run / "eval" / "checkpoint_best").mkdir(parents=True)
+    (run / "eval" / "checkpoint_best" / "summary.json").write_text("{}")
+    before = files_under(run)
+    code, err = cli(*train_args(work, "--logdir", str(run), "--overwrite", "--set", f"data.data_dir={broken}"))
+    assert code == 2 and "data pre-flight" in err
+    assert files_under(run) == before
+
+    # --overwrite that succeeds: the old run is gone once the new one saved a checkpoint; notes.txt stays
+    code, err = cli(*train_args(work, "--logdir", str(run), "--overwrite", "--set", "trainer.max_epochs=1"))
+    assert code == 0, err
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events.")) == [
+        "checkpoint_best.pt", "checkpoint_latest.pt", "config.yaml", "notes.txt", "progress.png", "train.log"]
+    assert latest(run)["iteration"] == ITERS and (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_runs_result_does_not_depend_on_the_number_of_loader_workers(work, uninterrupted):
+    """The uninterrupted run reads with 0 workers; the same run with 2 must end identical (MONAI's DataLoader
+    with 0 workers re-seeds the global torch generator unless a loader has its own)."""
+    run_to_end(train_args(work, "--logdir", str(work / "two-workers"), "--set", "data.num_workers=2"), work)
+    assert_same_run(uninterrupted, latest(work / "two-workers"))
+
+
+def corrupt_in_the_middle(path):
+    """Change one byte in the middle of a gzip stream such that zlib still decodes it, to wrong voxels, and only
+    the CRC at the stream's end tells; returns how many voxels nibabel then reads wrong."""
+    original = np.asarray(nib.load(path).dataobj).copy()
+    raw = path.read_bytes()
+    for offset in range(len(raw) // 2, len(raw) - 8):
+        damaged = bytearray(raw)
+        damaged[offset] ^= 0x10
+        path.write_bytes(bytes(damaged))
+        try:
+            wrong = int(np.count_nonzero(np.asarray(nib.load(path).dataobj) != original))
+        except Exception:  # noqa: BLE001  (this change breaks the stream visibly; try the next byte)
+            continue
+        if wrong:
+            return wrong
+    raise AssertionError(f"no one-byte change in {path} decodes silently")
+
+
+def test_a_corrupt_gzip_stream_is_found_by_the_preflight_prepare_and_predict(work, uninterrupted, tmp_path):
+    from data.prepare import prepare
+
+    folder = tmp_path / "phantoms"
+    shutil.copytree(work / "phantoms", folder)
+    image = folder / json.loads((folder / "dataset.json").read_text())["training"][1]["image"]
+    assert corrupt_in_the_middle(image) > 0  # nibabel alone reads it without a word
+    cfg = main._resolve(main.build_parser().parse_args(train_args(work, "--set", f"data.data_dir={folder}")))
+    with pytest.raises(Exception, match=r"training\[1\]: image .*: voxel data unreadable: compressed data corrupt "
+                                        r"or truncated \(CRC check failed"):
+        check_datalist(cfg["data"], 1, 9)
+
+    code, err = cli("predict", "--checkpoint", str(work / "whole" / "checkpoint_latest.pt"), "--input", str(image),
+                    "--output", str(tmp_path / "pred"))
+    assert code == 2 and "input[0]: image" in err and "CRC check failed" in err
+    assert not list((tmp_path / "pred").glob("*.nii.gz"))
+
+    with pytest.raises(Exception, match=r"not a readable NIfTI file \(compressed data corrupt or truncated"):
+        prepare("msd", folder, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_missing_files_are_listed_with_every_other_problem_of_the_data(work, broken, tmp_path):
+    content = json.loads((broken / "dataset.json").read_text())
+    content["training"].append({"image": "images/nowhere.nii.gz", "label": "labels/good.nii.gz"})
+    (broken / "dataset.json").write_text(json.dumps(content))
+    code, err = cli(*train_args(work, "--logdir", str(tmp_path / "never"), "--set", f"data.data_dir={broken}"))
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].endswith("found 9 problem(s):")
+    assert any(re.fullmatch(r"  training\[9\]: image file not found: .*nowhere\.nii\.gz", line) for line in lines)
+    assert sum(line.startswith("  training[") for line in lines) == 9
+
+
+def test_predict_skips_macos_appledouble_files_in_a_folder(work, uninterrupted, tmp_path):
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    case = json.loads((work / "phantoms" / "dataset.json").read_text())["test"][0]["image"]
+    shutil.copy(work / "phantoms" / case, inputs / "scan.nii.gz")
+    (inputs / "._scan.nii.gz").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    code, err = cli("predict", "--checkpoint", str(work / "whole" / "checkpoint_latest.pt"), "--input", str(inputs),
+                    "--output", str(tmp_path / "pred"))
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "pred").iterdir()] == ["scan.nii.gz"]
+    assert f"skipped 1 macOS AppleDouble file(s) in {inputs}: ._scan.nii.gz" in err
+
+
+def test_sigterm_to_one_torchrun_rank_is_our_line_then_torchruns_own_report(work):
+    """The real torchrun: SIGTERM to one rank stops both at one step and saves; our one line comes first, then
+    torchrun reports the ranks' exit status 143 as a ChildFailedError (its traceback) and exits 1."""
+    run = work / "torchrun-stopped"
+    args = train_args(work, "--logdir", str(run), "--set", "trainer.iters_per_epoch=400")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(port), str(LAUNCHER), *args], cwd=work, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and torchrun.poll() is None:
+        log = run / "train.log"
+        if log.is_file() and "model fault-test-net" in log.read_text():
+            break
+        time.sleep(0.1)
+    time.sleep(2)  # both ranks in their steps
+    ranks = subprocess.run(["pgrep", "-P", str(torchrun.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(max(ranks, key=int)), signal.SIGTERM)
+    _, err = torchrun.communicate(timeout=240)
+    err = err.decode(errors="replace")
+    assert torchrun.returncode == 1
+    ours = [line for line in err.splitlines() if line.startswith("error: stopped by SIGTERM")]
+    assert len(ours) == 1 and f"resume with: python main.py train --resume {run}" in ours[0]
+    assert err.index(ours[0]) < err.index("ChildFailedError") and "exitcode  : 143" in err
+    saved = latest(run)
+    assert 0 < saved["iteration"] < 400 and len(saved["rng_by_rank"]) == 2

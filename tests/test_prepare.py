@@ -3,6 +3,7 @@ splits, label remaps, untouched images and headers, the one-line errors, then tr
 import hashlib
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -282,3 +283,35 @@ def test_prepare_then_train_and_test_best_and_latest_from_the_cli(archive, tmp_p
     with pytest.raises(SystemExit) as exit_status:
         main.cli(["prepare", "synapse", "--raw", "nowhere"])
     assert exit_status.value.code == 2 and capsys.readouterr().err == "error: --raw nowhere: folder not found\n"
+
+
+def _prepare_until_it_has_begun(archive, out, signum):
+    """Run `main.py prepare synapse` and send `signum` once its partial folder holds a case; returns the exit
+    status and the partial folders beside `out` afterwards."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, str(REPO / "main.py"), "prepare", "synapse", "--raw", str(archive),
+                                "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(p.is_dir() and any(p.rglob("*.nii.gz")) for p in out.parent.glob(f".{out.name}.partial-*")):
+            process.send_signal(signum)
+            break
+        time.sleep(0.002)
+    status = process.wait(timeout=60)
+    return status, sorted(out.parent.glob(f".{out.name}.*"))
+
+
+def test_an_interrupted_prepare_leaves_no_partial_folder_behind(archive, tmp_path):
+    status, left = _prepare_until_it_has_begun(archive, tmp_path / "Synapse", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM and left == [] and not (tmp_path / "Synapse").exists()
+
+    status, left = _prepare_until_it_has_begun(archive, tmp_path / "Synapse", signal.SIGKILL)
+    assert status == -signal.SIGKILL and len(left) == 1  # nothing can clean up after SIGKILL...
+    out = prepare("synapse", archive, tmp_path / "Synapse")  # ...so the next run of the same output does
+    assert sorted(out.parent.glob(".Synapse.*")) == [] and (out / "dataset.json").is_file()
+    assert digest(out) == digest(prepare("synapse", archive, tmp_path / "again"))

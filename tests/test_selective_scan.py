@@ -196,3 +196,26 @@ def test_the_public_import_path_is_the_same_scan():
 
     assert public.selective_scan is ss.selective_scan and public.set_scan_backend is ss.set_scan_backend
     assert public.BACKENDS == ss.BACKENDS and public.available_scan_backends is ss.available_scan_backends
+
+
+@pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="needs numba")
+def test_numba_sums_do_not_depend_on_the_thread_count():
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba runs one thread here")
+    inputs = make_inputs(batch=2, dim=24, nstate=8, length=200, dtype=torch.float32)
+    ss.set_scan_backend("numba")
+    threads = numba.get_num_threads()
+    grads = []
+    try:
+        for count in (1, 2):
+            numba.set_num_threads(count)
+            ours = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+            ss.selective_scan(**ours, delta_softplus=True).pow(2).sum().backward()
+            grads.append({k: v.grad for k, v in ours.items()})
+    finally:
+        numba.set_num_threads(threads)
+        ss.set_scan_backend("auto")
+    for name in inputs:  # bit for bit: the channel sums of dA, dB, dC, dD are added in one order
+        assert torch.equal(grads[0][name], grads[1][name]), name

@@ -1,0 +1,1 @@
+"""Comparison of evaluated runs: paired statistics, the paper's tables and figures, one HTML report."""

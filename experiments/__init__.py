@@ -1,1 +1,1 @@
-"""Experiments: grids of runs, their launchers and the comparison report."""
+"""Experiments: grids of runs over models and seeds or folds, their launchers, and the comparison report."""

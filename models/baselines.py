@@ -12,6 +12,8 @@ BASELINES = {
     "nnunet": nnunet.nnunet,
     "umamba_bot": nnunet.umamba_bot,
     "umamba_enc": nnunet.umamba_enc,
+    "umamba_bot_official": nnunet.umamba_bot_official,
+    "umamba_enc_official": nnunet.umamba_enc_official,
     "segmamba": segmamba.SegMamba,
     "transunet": transunet.TransUNet,
     "uxnet": uxnet.UXNet,

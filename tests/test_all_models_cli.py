@@ -23,6 +23,8 @@ WINDOWS = {
     "nnunet": [64, 32, 32],
     "umamba_bot": [64, 32, 32],
     "umamba_enc": [64, 32, 32],
+    "umamba_bot_official": [64, 32, 32],
+    "umamba_enc_official": [64, 32, 32],
     "transunet": [64, 32, 32],
 }
 BASELINES = [name for name in models.list_models() if name != "em-net"]

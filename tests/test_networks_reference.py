@@ -19,9 +19,9 @@ PAPER_COUNTS = {
     "unetr": 93_011_289,  # MONAI 1.6's UNETR has 93,029,721: the unused norm_cross_attn (+18,432) is removed
     "nnunet": 31_201_229,
     "umamba_bot": 58_473_197,
-    # The issue gives 59,519,533 for U-Mamba Enc with no structure that also gives U-Mamba Bot's count;
-    # this is the stated one: the residual U-Net of umamba_bot with a forward Mamba after stages 0-4.
-    "umamba_enc": 59_010_157,
+    # The residual U-Net of umamba_bot with a forward Mamba after every encoder stage and a 1x3x3 first
+    # stage (tests/test_umamba.py: the kernel's place and the 3x3x3 count).
+    "umamba_enc": 59_519_533,
 }
 
 # Narrow versions of each network at the smallest window it trains on, for forward and backward.
@@ -34,8 +34,10 @@ SMALL = {
     "nnunet": ((16, 16, 16), dict(features=[4, 8, 16, 16])),
     "umamba_bot": ((16, 16, 16), dict(features=[4, 8, 16, 16])),
     "umamba_enc": ((16, 16, 16), dict(features=[4, 8, 16, 16])),
+    "umamba_bot_official": ((16, 16, 16), dict(features=[4, 8, 16, 16])),
+    "umamba_enc_official": ((16, 16, 16), dict(features=[4, 8, 16, 16])),
 }
-DEEP_SUPERVISION = ["nnunet", "umamba_bot", "umamba_enc"]
+DEEP_SUPERVISION = ["nnunet", "umamba_bot", "umamba_enc", "umamba_bot_official", "umamba_enc_official"]
 
 
 def num_params(model):
@@ -147,6 +149,8 @@ def test_mamba_reads_forwards_only():
     ("umamba_enc", [32, 32, 32], "leaves 1 voxel"),
     ("umamba_bot", [64, 0, 64], "must be positive"),
     ("umamba_enc", [64, 64], "3 integer sizes"),
+    ("umamba_bot_official", 48, "divisible by 32"),
+    ("umamba_enc_official", [32, 32, 32], "leaves 1 voxel"),
 ])
 def test_window_errors(name, roi, message):
     with pytest.raises(ValueError, match=rf"^{name} roi_size .*{re.escape(message)}"):

@@ -7,6 +7,9 @@ import torch
 @functools.cache
 def _kernel():
     try:
+        # mamba-ssm after 2.3.2.post1 installs without this extension unless MAMBA_KEEP_CUDA_BUILD=TRUE, and
+        # its selective_scan_fn then fails when called: without the kernel, mamba-ssm does not count.
+        import selective_scan_cuda  # noqa: F401
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except (ImportError, OSError):
         return None

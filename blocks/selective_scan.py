@@ -4,24 +4,32 @@
     h_t = exp(delta'_t A) * h_{t-1} + delta'_t B_t u_t ;  y_t = <C_t, h_t> + D u_t ;  y *= silu(z)
 
 Same semantics as mamba-ssm's `selective_scan_fn` for real A (D, N) and input-dependent B, C (batch, N, L).
-Each backend is a module of its own (scan_<name>.py) with `unavailable()`, `unsupported(u)` and `scan(...)`;
-a new backend is a new module and a line in BACKENDS and _MODULES.
+Each backend is a module of its own, scan_<name>.py, with `unavailable()`, `unsupported(u)` and `scan(...)`,
+imported when first asked about (numba and Triton take a while to import); a new backend is a new module,
+its name in BACKENDS and its place in AUTO.
 """
+import functools
+import importlib
 import os
 
 import torch
 
-from . import scan_cuda, scan_numba, scan_torch
-
-BACKENDS = ("cuda", "numba", "torch")  # the order "auto" prefers, where a backend takes the tensors
+BACKENDS = ("cuda", "triton", "numba", "torch")
 ENV_VAR = "EMNET_SCAN_BACKEND"
-_MODULES = {"cuda": scan_cuda, "numba": scan_numba, "torch": scan_torch}
+# What "auto" picks, by device type, in order: on a GPU mamba-ssm's kernel, else Triton's, else PyTorch.
+AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("numba", "torch")}
 _setting = "auto"
+
+
+@functools.cache
+def backend_module(name):
+    """The module of backend `name` (one of BACKENDS)."""
+    return importlib.import_module(f"{__package__}.scan_{name}")
 
 
 def available_scan_backends():
     """Backends usable in this process, in order of preference."""
-    return [name for name in BACKENDS if _MODULES[name].unavailable() is None]
+    return [name for name in BACKENDS if backend_module(name).unavailable() is None]
 
 
 def _validated(name, source):
@@ -30,7 +38,7 @@ def _validated(name, source):
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r} from {source} "
                          f"(choose auto or one of: {', '.join(available_scan_backends())})")
-    reason = _MODULES[name].unavailable()
+    reason = backend_module(name).unavailable()
     if reason is not None:
         raise ValueError(f"scan backend {name!r} from {source} is not available here: {reason} "
                          f"(available: {', '.join(available_scan_backends())})")
@@ -48,22 +56,29 @@ def get_scan_backend():
     return _setting
 
 
+def forced_scan_backend():
+    """The backend set by set_scan_backend, else by EMNET_SCAN_BACKEND; None when "auto" chooses."""
+    name = _setting
+    if name == "auto":
+        name = _validated(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    return None if name == "auto" else name
+
+
 def scan_backend_for(tensor):
-    """The backend "auto" picks for inputs like `tensor`: the first of BACKENDS that runs here and takes them."""
-    for name in BACKENDS:
-        module = _MODULES[name]
+    """The backend "auto" picks for inputs like `tensor`: the first of AUTO's for its device that runs here
+    and takes them."""
+    for name in AUTO.get(tensor.device.type, ()):
+        module = backend_module(name)
         if module.unavailable() is None and module.unsupported(tensor) is None:
             return name
     return "torch"
 
 
 def _resolve_backend(u):
-    name = _setting
-    if name == "auto":
-        name = _validated(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
-    if name == "auto":
+    name = forced_scan_backend()
+    if name is None:
         return scan_backend_for(u)
-    reason = _MODULES[name].unsupported(u)
+    reason = backend_module(name).unsupported(u)
     if reason is not None:
         raise ValueError(f"scan backend {name!r} cannot run these inputs: {reason}")
     return name
@@ -89,10 +104,13 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """Selective scan of u (batch, D, L); returns y (batch, D, L) in u's dtype.
 
-    Runs in float32 (float64 if any input is float64) with autocast disabled inside.
+    Runs in float32 (float64 if any input is float64) with autocast disabled inside; the triton backend
+    takes float16/bfloat16 inputs as they are (its kernels accumulate in float32).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    backend = _MODULES[_resolve_backend(u)]
+    backend = backend_module(_resolve_backend(u))
+    if getattr(backend, "KEEPS_INPUT_DTYPE", False):
+        return backend.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=bool(delta_softplus))
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
     dtype = torch.float64 if wide else torch.float32

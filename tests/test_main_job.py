@@ -87,10 +87,10 @@ def test_bad_override_fails_before_any_work(tmp_path):
 def test_unknown_scan_backend_for_test_is_a_one_line_error(main_job):
     work, _ = main_job
     result = subprocess.run([sys.executable, str(REPO / "main.py"), "test", "--checkpoint",
-                             str(work / "run" / "checkpoint_latest.pt"), "--set", "trainer.scan_backend=triton"],
+                             str(work / "run" / "checkpoint_latest.pt"), "--set", "trainer.scan_backend=warp"],
                             cwd=work, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "trainer.scan_backend" in result.stderr and "'triton'" in result.stderr
+    assert "trainer.scan_backend" in result.stderr and "'warp'" in result.stderr
 
 
 @pytest.mark.parametrize("script, args, message", [

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import blocks.selective_scan as ss
 from blocks import scan_numba, scan_torch
 
-CPU_BACKENDS = [name for name in ss.available_scan_backends() if name != "cuda"]
+# triton: float32 kernels with tests of their own (tests/test_scan_triton.py)
+CPU_BACKENDS = [name for name in ss.available_scan_backends() if name not in ("cuda", "triton")]
 
 
 def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

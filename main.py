@@ -113,6 +113,39 @@ def _add_tool_commands(commands, shared):
     prepare.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
+def _add_experiment_commands(commands):
+    experiment = commands.add_parser("experiment", help="run an experiment's grid of runs (models x seeds or folds)",
+                                     description="Run, continue or show an experiment (configs/experiments/): "
+                                                 "every model of the file with every seed or fold, each an "
+                                                 "ordinary run folder, trained then tested. Running it again "
+                                                 "continues it.")
+    experiment.add_argument("file", metavar="FILE.yaml", help="experiment file (a path, or a name in "
+                                                              "configs/experiments/)")
+    experiment.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                            help="local: on this machine; slurm: one SLURM job per run, as a job array (submitit)")
+    experiment.add_argument("--jobs", type=int, default=1, metavar="N",
+                            help="local: N runs at a time, each on one GPU (--devices) or its share of the cores")
+    experiment.add_argument("--devices", metavar="0,1,...", help="local: the GPUs of the --jobs workers")
+    experiment.add_argument("--dry-run", action="store_true", help="print the grid and what would run; run nothing")
+    experiment.add_argument("--status", action="store_true", help="print every run's state")
+    experiment.add_argument("--retry-failed", action="store_true", help="run the failed runs again")
+    experiment.add_argument("--force", action="store_true",
+                            help="continue runs whose resolved config differs from the config.yaml they saved")
+    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="slurm.KEY=VALUE",
+                            help="override a key of the experiment file's slurm: section; repeatable")
+    compare = commands.add_parser("compare", help="compare models: tables, statistics, figures, report.html",
+                                  description="Compare the tested runs of experiment folders or run folders: "
+                                              "Dice and HD95 tables, paired statistics against a reference "
+                                              "model, figures and one self-contained report.html.")
+    compare.add_argument("folders", nargs="+", metavar="DIR", help="experiment folders or run folders")
+    compare.add_argument("--reference", metavar="NAME", help="the model the others are tested against "
+                                                               "(default: the first)")
+    compare.add_argument("--checkpoint", choices=("best", "latest"),
+                         help="which checkpoint's evaluation to compare (default: the experiment's, else best)")
+    compare.add_argument("--output", metavar="DIR",
+                         help="output folder (default: <first folder>/comparison)")
+
+
 def build_parser():
     shared = _config_options()
     parser = argparse.ArgumentParser(
@@ -128,6 +161,7 @@ def build_parser():
     _add_run_commands(commands, shared)
     _add_inference_commands(commands, shared)
     _add_tool_commands(commands, shared)
+    _add_experiment_commands(commands)
     return parser
 
 
@@ -183,20 +217,14 @@ def _new_run(args, cfg):
     return RunDir.new(cfg["model"]["name"], cfg["data"]["name"])
 
 
-def _ensure_synthetic(cfg):
-    if cfg["data"]["name"] == "synthetic":  # phantoms are generated on first use: no download needed
-        import data
-
-        data.ensure_synthetic_dataset(cfg["data"]["data_dir"])
-
-
 def cmd_train(args):
+    import data
     import train
 
     if args.resume is None:
         cfg = _resolve(args)
         run, resume = _new_run(args, cfg), None  # checked, not yet created
-        _ensure_synthetic(cfg)
+        data.ensure_for(cfg["data"])
     else:
         if _flags_given(args):
             raise ConfigError("--resume uses RUN_DIR/config.yaml; change it with --set, not --*_config flags")
@@ -279,12 +307,13 @@ def _flops_all(args, flops):
 
 
 def cmd_run(args):
+    import data
     import test
     import train
 
     cfg = _resolve(args)
     run = _new_run(args, cfg)  # checked, not yet created
-    _ensure_synthetic(cfg)
+    data.ensure_for(cfg["data"])
     result = train.run(cfg, run)
     # No best checkpoint means no validation ran (e.g. max_epochs < val_every): test the latest one.
     tested = Path(result["best_checkpoint"] or result["latest_checkpoint"])
@@ -327,8 +356,34 @@ def _prepare_defaults(args):
     return Path(args.out or data["data_dir"]), data.get("dataset_json", "dataset.json"), DEFAULT_VAL_FRACTION
 
 
+def cmd_experiment(args):
+    from experiments import local, runner, slurm, spec
+
+    experiment = spec.load_experiment(_experiment_file(args.file), args.overrides)
+    if args.launcher == "slurm":
+        launcher = slurm.SlurmLauncher(experiment.slurm)
+    else:
+        launcher = local.LocalLauncher(args.jobs, args.devices)
+    return runner.run_experiment(experiment, launcher, retry_failed=args.retry_failed, force=args.force,
+                                 dry_run=args.dry_run, status=args.status)
+
+
+def _experiment_file(name):
+    path = Path(name)
+    if path.is_file() or "/" in name or name.endswith((".yaml", ".yml")):
+        return path
+    return config.config_path("experiments", name)
+
+
+def cmd_compare(args):
+    from experiments.comparison import folders
+
+    return folders.compare_folders([Path(f) for f in args.folders], reference=args.reference,
+                                   checkpoint=args.checkpoint, output=args.output)
+
+
 COMMANDS = {"run": cmd_run, "train": cmd_train, "test": cmd_test, "predict": cmd_predict, "flops": cmd_flops,
-            "prepare": cmd_prepare}
+            "prepare": cmd_prepare, "experiment": cmd_experiment, "compare": cmd_compare}
 
 
 if __name__ == "__main__":

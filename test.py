@@ -5,7 +5,9 @@ mapped back to each image's original geometry and compared there with the origin
   <out_dir>/predictions/<case>.nii.gz  metrics.csv  summary.json  overlays/<case>.png  (+ the printed table)
 predict(cfg, checkpoint, inputs, out_dir): segmentations of unlabelled NIfTI files, in their own geometry.
 """
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import data
 import metrics
 import reports
 from core import fileio
+from core.checkpoint import load_checkpoint
 from core.distributed import resolve_device
 from core.errors import ConfigError
 from core.rundir import RunDir
@@ -109,23 +112,41 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
 def evaluate_run(cfg, run_dir, out_dir=None):
     """Evaluate both checkpoints of a run folder, best and latest, each into <out_dir>/<checkpoint name>/
     (default <run_dir>/eval), and print their scores side by side (also written to <out_dir>/best_vs_latest.txt):
-    papers differ on which of the two they report. Returns {checkpoint name: summary}."""
+    papers differ on which of the two they report. Two checkpoints of the same step are evaluated once.
+    Returns {checkpoint name: summary}."""
     run = RunDir(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run.eval_root
     found = run.checkpoints()
     if not found:
         raise ConfigError(f"{run.path}: no {' or '.join(RunDir.CHECKPOINTS)} there (not a run folder?)")
     fileio.check_writable(out_dir)  # before inference, not after it
-    summaries, epochs = {}, {}
+    summaries, steps = {}, {}
     for path in found:
-        summaries[path.stem] = evaluate(cfg, path, out_dir / path.stem)
-        epochs[path.stem] = summaries[path.stem]["checkpoint"]["epoch"]
-    table = reports.format_side_by_side(summaries, epochs)
+        ckpt = load_checkpoint(path, mmap=True)
+        steps[path.stem] = (ckpt.get("epoch"), ckpt.get("iteration"))
+        twin = next((name for name, step in steps.items() if name != path.stem and step == steps[path.stem]
+                     and step[1] is not None), None)
+        if twin is None:
+            summaries[path.stem] = evaluate(cfg, path, out_dir / path.stem)
+        else:
+            summaries[path.stem] = _copy_evaluation(out_dir / twin, out_dir / path.stem, path)
+    table = reports.format_side_by_side(summaries, {name: step[0] for name, step in steps.items()})
     with fileio.atomic_path(out_dir / RunDir.BEST_VS_LATEST, ".txt") as tmp:
         Path(tmp).write_text(table + "\n")
     print()
     print(table)
     return summaries
+
+
+def _copy_evaluation(source, target, checkpoint):
+    """The evaluation in `source` as that of `checkpoint`, which holds the same training step."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    summary = json.loads((source / "summary.json").read_text())
+    twin = Path(summary["checkpoint"]["path"]).name
+    summary["checkpoint"] = {**summary["checkpoint"], "path": str(checkpoint)}
+    reports.write_summary_json(summary, target / "summary.json")
+    print(f"{checkpoint.name} holds the same training step as {twin}: its evaluation is a copy, in {target}")
+    return summary
 
 
 # ---- prediction -------------------------------------------------------------------------------------------

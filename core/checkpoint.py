@@ -103,15 +103,16 @@ def _describe(obj):
     return f"a {type(obj).__name__}"
 
 
-def load_checkpoint(path, map_location="cpu", required_keys=("state_dict",)):
-    """Read a checkpoint dict; raise CheckpointError naming the path and what was found instead."""
+def load_checkpoint(path, map_location="cpu", required_keys=("state_dict",), mmap=False):
+    """Read a checkpoint dict; raise CheckpointError naming the path and what was found instead. With `mmap`
+    the tensors are mapped, not read: cheap when only the counters are wanted."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         where = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
         raise CheckpointError(f"checkpoint {path} {where}")
     try:
         with torch.serialization.safe_globals(_NUMPY_SCALARS):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or truncated files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint: {first}") from err

@@ -38,6 +38,9 @@ class TrainingInterrupted(UserError):
         super().__init__(message)
         self.exit_code = 128 + signum
 
+    def __reduce__(self):  # pickled from a worker process: message and signal both
+        return type(self), (str(self), self.exit_code - 128)
+
 
 class NonFiniteTraining(UserError):
     """Too many non-finite steps in a row, or weights that are no longer finite; nothing was saved."""

@@ -3,6 +3,7 @@ be reused, and how a new run that failed before its first checkpoint is taken ba
 
     <run>/config.yaml  train.log  progress.png  events.out.tfevents.*  checkpoint_latest.pt  checkpoint_best.pt
     <run>/eval/<checkpoint>/...  <run>/eval/best_vs_latest.txt  <run>/predict/<checkpoint>/...
+    <run>/run_record.json  console.log  (a run of an experiment: its state and provenance, its output)
 """
 import contextlib
 import datetime
@@ -24,6 +25,8 @@ class RunDir:
     EVAL = "eval"
     PREDICT = "predict"
     BEST_VS_LATEST = "best_vs_latest.txt"
+    RECORD = "run_record.json"
+    CONSOLE = "console.log"
     CHECKPOINTS = (BEST, LATEST)
     # What training writes, and what --overwrite sets aside (with the old evaluation, which it makes stale).
     TRAINING_FILES = (CONFIG, LOG, LATEST, BEST, PROGRESS, EVENTS)
@@ -65,6 +68,14 @@ class RunDir:
     @property
     def progress(self):
         return self.path / self.PROGRESS
+
+    @property
+    def record(self):
+        return self.path / self.RECORD
+
+    @property
+    def console(self):
+        return self.path / self.CONSOLE
 
     @property
     def eval_root(self):

@@ -213,3 +213,10 @@ def ensure_synthetic_dataset(data_dir, **kwargs):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return json_path
+
+
+def ensure_for(d):
+    """Generate the phantoms where the data section `d` names the synthetic set (data.name: synthetic) and
+    its folder has none yet: the commands that train on it need no download."""
+    if d["name"] == "synthetic":
+        ensure_synthetic_dataset(d["data_dir"])

@@ -41,7 +41,7 @@ def configs(tmp_path):
 
 @pytest.fixture
 def calls(monkeypatch, tmp_path):
-    """Stand-ins for train.run, test.evaluate, test.predict and data.ensure_synthetic_dataset that record calls."""
+    """Stand-ins for train.run, test.evaluate, test.predict and data.ensure_for that record calls."""
     log = []
 
     def run(cfg, run_dir, resume=None):
@@ -60,12 +60,13 @@ def calls(monkeypatch, tmp_path):
         log.append(("predict", cfg, Path(checkpoint), inputs, Path(out_dir)))
         return [Path(out_dir) / "a.nii.gz"]
 
-    def ensure(data_dir):
-        log.append(("ensure", data_dir))
+    def ensure(d):
+        if d["name"] == "synthetic":
+            log.append(("ensure", d["data_dir"]))
 
     monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(run=run))
     monkeypatch.setitem(sys.modules, "test", types.SimpleNamespace(evaluate=evaluate, predict=predict))
-    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(ensure_synthetic_dataset=ensure))
+    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(ensure_for=ensure))
     monkeypatch.chdir(tmp_path)
     return log
 

@@ -62,20 +62,28 @@ def _add_inference_commands(commands, shared):
                                description="Evaluate a checkpoint on the test split: metrics.csv, summary.json, "
                                            "predictions and overlays. Without --*_config flags, the config.yaml "
                                            "next to the checkpoint is used (with --set on top).")
-    test.add_argument("--checkpoint", metavar="PATH", required=True,
+    test.add_argument("--checkpoint", metavar="PATH", required=True, nargs="+",
                       help="checkpoint to evaluate, or a run folder: then its checkpoint_best.pt and "
-                           "checkpoint_latest.pt, printed side by side")
+                           "checkpoint_latest.pt, printed side by side; several checkpoints of one model: an "
+                           "ensemble (softmax averaged); an experiment folder with --ensemble MODEL")
     test.add_argument("--output", metavar="DIR",
                       help="output folder (default: <checkpoint folder>/eval/<checkpoint name>; for a run "
                            "folder <run folder>/eval, one subfolder per checkpoint)")
     predict = commands.add_parser("predict", parents=[shared], help="segment new images with a checkpoint",
                                   description="Segment images without labels. Without --*_config flags, the "
                                               "config.yaml next to the checkpoint is used (with --set on top).")
-    predict.add_argument("--checkpoint", metavar="PATH", required=True, help="checkpoint to use")
+    predict.add_argument("--checkpoint", metavar="PATH", required=True, nargs="+",
+                         help="checkpoint to use; several of one model: an ensemble (softmax averaged); an "
+                              "experiment folder with --ensemble MODEL")
     predict.add_argument("--input", dest="inputs", action="append", required=True, metavar="PATH",
                          help="a NIfTI image, or a folder of them (*.nii, *.nii.gz); repeatable")
     predict.add_argument("--output", metavar="DIR",
                          help="output folder (default: <checkpoint folder>/predict/<checkpoint name>)")
+    for parser in (test, predict):
+        parser.add_argument("--ensemble", metavar="MODEL",
+                            help="with --checkpoint EXPERIMENT_DIR: every run of MODEL (its seeds or folds) together")
+        parser.add_argument("--ensemble-checkpoint", choices=("best", "latest"),
+                            help="with --ensemble: each run's best or latest checkpoint (default: the experiment's)")
 
 
 def _add_tool_commands(commands, shared):
@@ -243,12 +251,13 @@ def cmd_train(args):
 def cmd_test(args):
     import test
 
-    if Path(args.checkpoint).is_dir():  # a run folder: its best and latest checkpoints, side by side
-        run = RunDir(args.checkpoint)
+    members, out_dir = _ensemble(args, "eval")
+    if members:
+        return test.evaluate_ensemble(members, out_dir)
+    if Path(args.checkpoint[0]).is_dir():  # a run folder: its best and latest checkpoints, side by side
+        run = RunDir(args.checkpoint[0])
         return test.evaluate_run(_saved_or_flags_config(args, run), run, args.output)
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise ConfigError(f"checkpoint {checkpoint} not found")
+    checkpoint = _checkpoint_file(args.checkpoint[0])
     cfg = _saved_or_flags_config(args, RunDir.of_checkpoint(checkpoint))
     out_dir = Path(args.output) if args.output else RunDir.of_checkpoint(checkpoint).eval_dir(checkpoint)
     fileio.check_writable(out_dir)  # before inference, not after it
@@ -258,16 +267,54 @@ def cmd_test(args):
 def cmd_predict(args):
     import test
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise ConfigError(f"checkpoint {checkpoint} not found")
-    cfg = _saved_or_flags_config(args, RunDir.of_checkpoint(checkpoint))
-    out_dir = Path(args.output) if args.output else RunDir.of_checkpoint(checkpoint).predict_dir(checkpoint)
-    fileio.check_writable(out_dir)
-    written = test.predict(cfg, checkpoint, [Path(p) for p in args.inputs], out_dir)
+    members, out_dir = _ensemble(args, "predict")
+    if members:
+        written = test.predict_ensemble(members, [Path(p) for p in args.inputs], out_dir)
+    else:
+        checkpoint = _checkpoint_file(args.checkpoint[0])
+        cfg = _saved_or_flags_config(args, RunDir.of_checkpoint(checkpoint))
+        out_dir = Path(args.output) if args.output else RunDir.of_checkpoint(checkpoint).predict_dir(checkpoint)
+        fileio.check_writable(out_dir)
+        written = test.predict(cfg, checkpoint, [Path(p) for p in args.inputs], out_dir)
     for path in written:
         print(path)
     return written
+
+
+def _checkpoint_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found")
+    return path
+
+
+def _ensemble(args, kind):
+    """([(cfg, checkpoint)], output folder) of an ensemble (several --checkpoint, or --ensemble MODEL of an
+    experiment folder), else ([], None)."""
+    if args.ensemble is None:
+        if args.ensemble_checkpoint is not None:
+            raise ConfigError("--ensemble-checkpoint goes with --ensemble MODEL")
+        if len(args.checkpoint) == 1:
+            return [], None
+        checkpoints = [_checkpoint_file(c) for c in args.checkpoint]
+        default = RunDir.of_checkpoint(checkpoints[0]).path / kind / f"ensemble_of_{len(checkpoints)}"
+    else:
+        from experiments.spec import load_experiment
+
+        folder = Path(args.checkpoint[0])
+        if len(args.checkpoint) != 1 or not (folder / "experiment.yaml").is_file():
+            raise ConfigError("--ensemble MODEL takes one --checkpoint: an experiment folder (with experiment.yaml)")
+        experiment = load_experiment(folder / "experiment.yaml", root=folder.parent)
+        if args.ensemble not in experiment.models:
+            raise ConfigError(f"--ensemble {args.ensemble}: the experiment's models are {', '.join(experiment.models)}")
+        which = args.ensemble_checkpoint or experiment.checkpoint
+        checkpoints = [_checkpoint_file(RunDir(run.path).checkpoint(f"checkpoint_{which}.pt"))
+                       for run in experiment.runs if run.model == args.ensemble]
+        default = folder / args.ensemble / (f"ensemble_{which}" if kind == "eval" else f"ensemble_{which}_predict")
+    members = [(_saved_or_flags_config(args, RunDir.of_checkpoint(c)), c) for c in checkpoints]
+    out_dir = Path(args.output) if args.output else default
+    fileio.check_writable(out_dir)
+    return members, out_dir
 
 
 def cmd_flops(args):

@@ -4,6 +4,8 @@ evaluate(cfg, checkpoint): sliding-window inference on the labelled test (or val
 mapped back to each image's original geometry and compared there with the original label file:
   <out_dir>/predictions/<case>.nii.gz  metrics.csv  summary.json  overlays/<case>.png  (+ the printed table)
 predict(cfg, checkpoint, inputs, out_dir): segmentations of unlabelled NIfTI files, in their own geometry.
+evaluate_ensemble / predict_ensemble: the same with several checkpoints of one model (each with its own
+config), whose softmax probabilities are averaged before the argmax.
 """
 import json
 import os
@@ -24,7 +26,8 @@ from core.distributed import resolve_device
 from core.errors import ConfigError
 from core.rundir import RunDir
 from data.preflight import check_images
-from engine.inference import SlidingWindow, infer_volume
+from data.transforms import PREPROCESSING_KEYS
+from engine.inference import SlidingWindow, ensemble_probabilities
 from engine.network import load_network
 
 APPLEDOUBLE_PREFIX = "._"  # macOS metadata files beside the images on foreign file systems, not images
@@ -40,10 +43,35 @@ def _case_name(path):
     return Path(name).stem
 
 
-def _segment(model, batch, cfg, device):
+def _load_members(members, device):
+    """[(network, its sliding window)] and [what each checkpoint was trained to] of [(cfg, checkpoint)]."""
+    loaded, trained = [], []
+    for cfg, checkpoint in members:
+        model, info = load_network(cfg, checkpoint, device)
+        loaded.append((model, SlidingWindow.from_config(cfg["inference"], cfg["model"]["roi_size"],
+                                                        cfg["trainer"]["amp"])))
+        trained.append({"path": str(checkpoint), **info})
+    return loaded, trained
+
+
+def check_ensemble(members):
+    """Checkpoints evaluated together must predict the same classes from the same preprocessing."""
+    (first_cfg, first), *others = members
+    for cfg, checkpoint in others:
+        for section, keys in (("model", ("in_channels", "out_channels")), ("data", PREPROCESSING_KEYS)):
+            for key in keys:
+                if cfg[section][key] != first_cfg[section][key]:
+                    raise ConfigError(f"ensemble: {checkpoint} has {section}.{key} = {cfg[section][key]!r}, {first} "
+                                      f"{first_cfg[section][key]!r}; an ensemble's members must agree on it")
+        ours = data.class_names(cfg["data"], cfg["model"]["out_channels"])
+        theirs = data.class_names(first_cfg["data"], first_cfg["model"]["out_channels"])
+        if ours != theirs:
+            raise ConfigError(f"ensemble: {checkpoint} has the classes {ours}, {first} {theirs}")
+
+
+def _segment(members, batch, cfg, device):
     """Label map of one loader batch in the original image geometry (int numpy array)."""
-    window = SlidingWindow.from_config(cfg["inference"], cfg["model"]["roi_size"], cfg["trainer"]["amp"])
-    probs = infer_volume(model, batch["image"].to(device), window)
+    probs = ensemble_probabilities(members, batch["image"].to(device))
     pred = probs.argmax(dim=1).cpu()
     return data.invert_prediction(pred, batch, cfg["data"])
 
@@ -68,14 +96,36 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
     Metrics are computed in each image's ORIGINAL geometry: the prediction is inverted to it and compared
     with the label file as stored, with that file's voxel spacing for HD95.
     """
-    split = split or cfg["inference"]["split"]
     out_dir = Path(out_dir) if out_dir is not None else RunDir.of_checkpoint(checkpoint).eval_dir(checkpoint)
-    device = resolve_device(cfg["trainer"]["device"])
-    model, trained = load_network(cfg, checkpoint, device)
-    num_classes = cfg["model"]["out_channels"]
-    names = data.class_names(cfg["data"], num_classes)
+    summary = _evaluate([(cfg, checkpoint)], out_dir, split)
+    print(f"{cfg['model']['name']} on {cfg['data']['name']} ({summary['split']}), checkpoint {checkpoint}")
+    return _report(summary, out_dir)
 
-    cases = data.read_datalist(cfg["data"], num_classes)[split]
+
+def evaluate_ensemble(members, out_dir, split=None):
+    """Evaluate several checkpoints [(cfg, checkpoint)] of one model together (their softmax averaged) like
+    `evaluate`, with the first one's data and evaluation settings; writes members.json beside the results."""
+    check_ensemble(members)
+    summary = _evaluate(members, Path(out_dir), split)
+    _write_members(members, Path(out_dir))
+    cfg = members[0][0]
+    print(f"{cfg['model']['name']} on {cfg['data']['name']} ({summary['split']}), an ensemble of {len(members)}")
+    return _report(summary, Path(out_dir))
+
+
+def _report(summary, out_dir):
+    print(reports.format_table(summary))
+    print(f"results in {out_dir}")
+    return summary
+
+
+def _write_members(members, out_dir):
+    with fileio.atomic_path(out_dir / "members.json", ".json") as tmp:
+        Path(tmp).write_text(json.dumps([str(checkpoint) for _, checkpoint in members], indent=1) + "\n")
+
+
+def _labelled_cases(cfg, split):
+    cases = data.read_datalist(cfg["data"], cfg["model"]["out_channels"])[split]
     unlabelled = [e["image"] for e in cases if "label" not in e]
     if unlabelled:
         raise ConfigError(f"evaluation needs labels; {unlabelled[0]} in the {split!r} list has none "
@@ -84,13 +134,25 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
     twice = sorted({n for n in case_names if case_names.count(n) > 1})
     if twice:
         raise ConfigError(f"two {split!r} images are named {twice[0]}; case names must be unique")
-    loader = data.make_eval_loader(cfg["data"], num_classes, split)
+    return case_names, cases
 
+
+def _evaluate(members, out_dir, split):
+    """The evaluation loop of `members` [(cfg, checkpoint)], the first one's config deciding the data;
+    returns the summary (also in out_dir/summary.json, with out_dir/metrics.csv)."""
+    cfg = members[0][0]
+    split = split or cfg["inference"]["split"]
+    device = resolve_device(cfg["trainer"]["device"])
+    loaded, trained = _load_members(members, device)
+    num_classes = cfg["model"]["out_channels"]
+    names = data.class_names(cfg["data"], num_classes)
+    case_names, cases = _labelled_cases(cfg, split)
+    loader = data.make_eval_loader(cfg["data"], num_classes, split)
     rows = []
     progress = tqdm(zip(case_names, cases, loader), total=len(cases), desc=f"evaluate {split}", unit="case")
     for case, entry, batch in progress:
         progress.set_postfix_str(case)
-        pred = _segment(model, batch, cfg, device)
+        pred = _segment(loaded, batch, cfg, device)
         gt, spacing = _load_label(entry["label"], num_classes, pred.shape)
         if cfg["inference"]["save_predictions"]:
             data.save_segmentation(pred, batch, out_dir / "predictions" / f"{case}.nii.gz")
@@ -99,13 +161,10 @@ def evaluate(cfg, checkpoint, out_dir=None, split=None):
         if cfg["inference"]["save_overlays"]:
             image = np.asanyarray(nib.load(entry["image"]).dataobj).reshape(pred.shape)
             reports.save_overlay_png(image, gt, pred, out_dir / "overlays" / f"{case}.png")
-
-    summary = {**reports.summarize(rows, names), "split": split, "checkpoint": {"path": str(checkpoint), **trained}}
+    checkpoint = trained[0] if len(trained) == 1 else {"members": trained}
+    summary = {**reports.summarize(rows, names), "split": split, "checkpoint": checkpoint}
     reports.write_metrics_csv(rows, out_dir / "metrics.csv")
     reports.write_summary_json(summary, out_dir / "summary.json")
-    print(f"{cfg['model']['name']} on {cfg['data']['name']} ({split}), checkpoint {checkpoint}")
-    print(reports.format_table(summary))
-    print(f"results in {out_dir}")
     return summary
 
 
@@ -182,14 +241,27 @@ def _nifti_inputs(inputs):
 def predict(cfg, checkpoint, inputs, out_dir):
     """Segment unlabelled NIfTI images (a file, a folder or a list); writes <out_dir>/<case>.nii.gz in each
     input's geometry (shape and affine) and returns the written paths."""
+    return _predict([(cfg, checkpoint)], inputs, out_dir)
+
+
+def predict_ensemble(members, inputs, out_dir):
+    """`predict` with several checkpoints [(cfg, checkpoint)] of one model, their softmax averaged."""
+    check_ensemble(members)
+    written = _predict(members, inputs, out_dir)
+    _write_members(members, Path(out_dir))
+    return written
+
+
+def _predict(members, inputs, out_dir):
+    cfg = members[0][0]
     paths = _nifti_inputs(inputs)
     check_images(paths, cfg["model"]["in_channels"])  # readable, intact, 3D, finite: NaN gives an empty mask
     device = resolve_device(cfg["trainer"]["device"])
-    model, _ = load_network(cfg, checkpoint, device)
+    loaded, _ = _load_members(members, device)
     loader = data.make_predict_loader(cfg["data"], paths)
     written = []
     for path, batch in tqdm(zip(paths, loader), total=len(paths), desc="predict", unit="image"):
-        pred = _segment(model, batch, cfg, device)
+        pred = _segment(loaded, batch, cfg, device)
         written.append(data.save_segmentation(pred, batch, Path(out_dir) / f"{_case_name(path)}.nii.gz"))
     return written
 

@@ -69,6 +69,9 @@ class RunDir:
     def progress(self):
         return self.path / self.PROGRESS
 
+    def checkpoint(self, name):
+        return self.path / name
+
     @property
     def record(self):
         return self.path / self.RECORD

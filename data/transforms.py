@@ -17,6 +17,9 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+# The data keys eval_transforms reads: models evaluated together (an ensemble) must agree on them.
+PREPROCESSING_KEYS = ("spacing", "orientation", "intensity_range", "crop_foreground")
+
 
 def _preprocess(d, keys):
     """Deterministic part shared by training and evaluation (cached by CacheDataset); `d` is the data section."""

@@ -52,6 +52,16 @@ def infer_volume(model, image, window):
     return probs / len(flips)
 
 
+def ensemble_probabilities(members, image):
+    """The mean of the softmax probabilities of several (model, SlidingWindow) members on `image`, each
+    sliding its own window (an ensemble of runs averages probabilities, then takes the argmax)."""
+    total = None
+    for model, window in members:
+        probs = infer_volume(model, image, window)
+        total = probs if total is None else total + probs
+    return total / len(members)
+
+
 def _one_window_at_a_time(model):
     """The network applied to each window of a sliding-window batch in turn. Off the GPU, batching windows
     saves little CPU time and holds sw_batch_size times the activations (docs/benchmarks.md). Each window's

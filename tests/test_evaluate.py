@@ -299,3 +299,32 @@ def test_run_folder_evaluation_checks_its_output_folder_before_loading_anything(
     blocker.write_text("")
     with pytest.raises(fileio.OutputError, match=r"output folder .*a_file/eval is not writable"):
         evaluation.evaluate_run({}, run, blocker / "eval")
+
+
+def test_an_ensemble_averages_the_members_softmax_before_the_argmax(setup):
+    """Two members that disagree: one sees 'bright' from x 0.65, the other (its bright logit shifted) never;
+    the ensemble's label map is the argmax of their mean softmax, computed here from the same inputs."""
+    cfg, ckpt, entries, tmp_path = setup
+    other = tmp_path / "other" / "checkpoint_best.pt"
+    _checkpoint(other, cfg)
+    state = torch.load(other, weights_only=False)
+    state["state_dict"]["head.bias"] = torch.tensor([0.0, -2.0, -30.0])  # bright never wins alone
+    save_checkpoint(other, state)
+    members = [(cfg, ckpt), (cfg, other)]
+    summary = evaluation.evaluate_ensemble(members, tmp_path / "ensemble")
+    assert json.loads((tmp_path / "ensemble" / "members.json").read_text()) == [str(ckpt), str(other)]
+    assert [m["path"] for m in summary["checkpoint"]["members"]] == [str(ckpt), str(other)]
+
+    loaded = [load_network(cfg, path, torch.device("cpu"))[0] for path in (ckpt, other)]
+    window = SlidingWindow.from_config(cfg["inference"], cfg["model"]["roi_size"], False)
+    batch = next(iter(evaluation.data.make_eval_loader(cfg["data"], 3, "test")))
+    expected = torch.stack([infer_volume(m, batch["image"], window) for m in loaded]).mean(0).argmax(1)
+    ours = evaluation.ensemble_probabilities([(m, window) for m in loaded], batch["image"]).argmax(1)
+    assert torch.equal(ours, expected)
+    single = [infer_volume(m, batch["image"], window).argmax(1) for m in loaded]
+    assert not torch.equal(single[0], single[1]) and not torch.equal(ours, single[0])  # not the first member
+
+    mismatched = copy.deepcopy(cfg)
+    mismatched["data"]["spacing"] = [1.0, 1.0, 1.0]
+    with pytest.raises(config.ConfigError, match=r"ensemble: .*other.* has data.spacing = \[1.0, 1.0, 1.0\]"):
+        evaluation.evaluate_ensemble([(cfg, ckpt), (mismatched, other)], tmp_path / "bad")

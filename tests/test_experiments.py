@@ -250,3 +250,25 @@ def test_an_experiment_on_a_real_slurm(tmp_path, phantoms, monkeypatch):
     states = runner.run_experiment(experiment, SlurmLauncher({"partition": "ci", "time_min": 10}))
     assert states == {"unet/seed_0": job.FINISHED, "unet/seed_1": job.FINISHED}
     assert all(records(experiment.folder)[k]["slurm_job"] for k in states)
+
+
+def test_the_folds_ensemble_is_tested_together_and_compared_as_a_row_of_its_own(tmp_path, phantoms, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path, phantoms, "cv", models=("unet", "segresnet"))
+    content = yaml.safe_load(path.read_text())
+    del content["seeds"]
+    content.update(folds=2, models=[{"config": "unet", "set": [TINY_UNET]},
+                                    {"config": "segresnet", "set": ["model.init_filters=8"]}])
+    path.write_text(yaml.safe_dump(content))
+    assert cli("experiment", str(path))[0] == 0
+    folder = tmp_path / "runs" / "experiments" / "cv"
+    code, err = cli("test", "--checkpoint", str(folder), "--ensemble", "unet")
+    assert code == 0, err
+    members = json.loads((folder / "unet" / "ensemble_best" / "members.json").read_text())
+    assert members == [str(folder / "unet" / f"fold_{k}" / "checkpoint_best.pt") for k in (0, 1)]
+    code, err = cli("compare", str(folder))
+    assert code == 0, err
+    table = (folder / "comparison" / "table.md").read_text()
+    assert "| unet (ensemble of 2) |" in table and "| segresnet |" in table
+    code, err = cli("test", "--checkpoint", str(folder), "--ensemble", "vnet")
+    assert code == 2 and "--ensemble vnet: the experiment's models are unet, segresnet" in err

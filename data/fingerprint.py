@@ -60,16 +60,19 @@ def measure_case(image, affine, label, key, sample_size=SAMPLE_PER_CASE):
     voxels = image.reshape(image.shape[:3] + (-1,))
     body = above_minimum(torch.from_numpy(np.moveaxis(voxels, -1, 0).astype(np.float32))).any(0).numpy()
     spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
-    foreground = np.flatnonzero(label > 0)
+    # Voxels are numbered in Fortran order whatever the array's layout, so that the sample does not depend on
+    # it; NIfTI arrays as read are Fortran-ordered, and flattening them so is a view, not a strided copy.
+    classes = label.ravel(order="F")
+    foreground = np.flatnonzero(classes)
     rng = np.random.default_rng([SAMPLE_SEED, zlib.crc32(key.encode())])
     chosen = np.sort(rng.choice(foreground.size, size=min(foreground.size, sample_size), replace=False))
-    sample = voxels[np.unravel_index(foreground[chosen], label.shape)].astype(np.float64)  # (k, C)
+    sample = voxels[np.unravel_index(foreground[chosen], label.shape, order="F")].astype(np.float64)  # (k, C)
     return {
         "spacing": _ras([round(float(s), 6) for s in spacing], affine),
         "shape": _ras([int(n) for n in image.shape[:3]], affine),
         "shape_after_crop": _ras(_box_shape(body), affine),
         "channels": int(voxels.shape[3]),
-        "class_voxels": np.bincount(label.ravel()).tolist(),
+        "class_voxels": np.bincount(classes).tolist(),
         "sample": sample.T.tolist(),
     }
 
@@ -116,9 +119,11 @@ def _read_case(folder, image_rel, label_rel, sample_size):
         label = label[..., 0]
     if voxels.ndim not in (3, 4) or label.shape != voxels.shape[:3]:
         raise DataConfigError(f"{folder / label_rel}: shape {label.shape} differs from its image's {voxels.shape}")
-    if (np.issubdtype(label.dtype, np.floating) and not np.array_equal(np.rint(label), label)) or label.min() < 0:
+    if label.min() < 0 or (np.issubdtype(label.dtype, np.floating) and not np.array_equal(np.rint(label), label)):
         raise DataConfigError(f"{folder / label_rel}: label values must be non-negative integers")
-    return measure_case(voxels, image.affine, label.astype(np.intp), image_rel, sample_size)
+    if not np.issubdtype(label.dtype, np.integer):
+        label = label.astype(np.intp)
+    return measure_case(voxels, image.affine, label, image_rel, sample_size)
 
 
 def measure_folder(folder, cases, sample_size=SAMPLE_PER_CASE):

@@ -27,8 +27,7 @@ def above_minimum(image):
     keeps every voxel. Its box over all channels is the body the `ct` and `zscore` crops and the fingerprint
     take (for CT it keeps the air around the body inside the field of view)."""
     image = torch.as_tensor(image)
-    low = image.reshape(image.shape[0], -1).amin(1).reshape((-1,) + (1,) * (image.ndim - 1))
-    mask = image > low
+    mask = image > image.amin(dim=tuple(range(1, image.ndim)), keepdim=True)
     return mask if mask.any() else torch.ones_like(mask)
 
 

@@ -307,7 +307,7 @@ def one_line_error(capsys, *argv):
     return line
 
 
-def test_mixed_channels_and_a_single_case_are_one_line_errors(tmp_path, capsys):
+def test_mixed_channels_a_single_case_and_unknown_classes_are_one_line_errors(tmp_path, capsys):
     mixed = tiny_set(tmp_path / "mixed", channels=(1, 2, 1))
     err = one_line_error(capsys, "plan", mixed)
     assert f"{mixed}: cases have different numbers of channels: 1 (imagesTr/t0.nii.gz) and 2 (imagesTr/t1.nii.gz)" \
@@ -317,6 +317,11 @@ def test_mixed_channels_and_a_single_case_are_one_line_errors(tmp_path, capsys):
     assert f"{single}: 1 labelled case; a plan needs at least 2 (one to train on, one to validate on)" in err
     assert not (single / "plan.yaml").exists()
     assert "data.data_dir" not in one_line_error(capsys, "plan", tmp_path / "nowhere")
+    beyond = tiny_set(tmp_path / "beyond", classes={"0": "background", "1": "liver"})
+    label = nib.load(str(beyond / "labelsTr" / "t2.nii.gz"))
+    save(np.asarray(label.dataobj) * 2, label.affine, beyond / "labelsTr" / "t2.nii.gz")
+    err = one_line_error(capsys, "plan", beyond)
+    assert f"{beyond / 'labelsTr' / 't2.nii.gz'}: label value 2 outside dataset.json's classes 0..1" in err
 
 
 def test_a_class_in_no_case_and_spacings_far_apart_are_warnings_in_the_plan(tmp_path, capsys):

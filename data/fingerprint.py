@@ -138,7 +138,7 @@ def measure_folder(folder, cases, sample_size=SAMPLE_PER_CASE):
     workers = max(1, min(4, os.cpu_count() or 1))  # zlib and numpy release the GIL; each holds a volume
     with ThreadPoolExecutor(workers) as pool:
         measured = list(tqdm(pool.map(one, cases), total=len(cases), desc=f"fingerprint {folder.name}", unit="case"))
-    cache.save()
+    cache.save(prune=True)  # every case was looked at: entries of changed or removed files go
     return measured
 
 

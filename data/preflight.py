@@ -68,7 +68,7 @@ class FileCache:
     def __init__(self, folder, name=CACHE_NAME, version=CACHE_VERSION):
         self.path = Path(folder) / name if folder is not None else None
         self.version = version
-        self.entries, self.changed = {}, False
+        self.entries, self.changed, self.used = {}, False, set()
         if self.path is not None and self.path.is_file():
             try:
                 content = json.loads(self.path.read_text())
@@ -84,12 +84,18 @@ class FileCache:
         if key not in self.entries:
             self.entries[key] = compute()
             self.changed = True
+        self.used.add(key)
         return self.entries[key]
 
     def facts(self, path, kind):
         return self.get(kind, [path], lambda: _voxel_facts(path, kind))
 
-    def save(self):
+    def save(self, prune=False):
+        """Write the cache if anything was added; with `prune`, keep only the entries used since it was read
+        (for callers that look at every file each time, so that changed files leave no stale entries)."""
+        if prune and self.used != set(self.entries):
+            self.entries = {k: v for k, v in self.entries.items() if k in self.used}
+            self.changed = True
         if self.path is None or not self.changed:
             return
         try:

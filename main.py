@@ -8,6 +8,7 @@
     python main.py predict --checkpoint CKPT --input scan.nii.gz --output preds/
     python main.py flops --model_config em_net
     python main.py prepare synapse --raw ~/Downloads/Abdomen     # the unpacked BTCV archive -> datasets/Synapse
+    python main.py plan datasets/MyTask     # fingerprint.json and plan.yaml: --data_config datasets/MyTask/plan.yaml
 """
 import argparse
 import os
@@ -23,6 +24,7 @@ from core.rundir import RunDir
 DEFAULT_CONFIGS = {"data_config": "synthetic", "model_config": "em_net_tiny", "trainer_config": "synthetic"}
 CONFIG_FLAGS = tuple(DEFAULT_CONFIGS)
 DEFAULT_VAL_FRACTION = 0.2  # prepare msd, where no dataset config names the task's validation share
+PLAN_MODEL = "em_net"  # the model config whose window plan.yaml fits, for prepare and plan
 
 
 def _config_options():
@@ -119,6 +121,21 @@ def _add_tool_commands(commands, shared):
                               f"(default: the matching dataset config's data.val_fraction, else "
                               f"{DEFAULT_VAL_FRACTION})")
     prepare.add_argument("--force", action="store_true", help="replace an existing output folder")
+    prepare.add_argument("--model_config", default=PLAN_MODEL, metavar="NAME|PATH",
+                         help=f"the model whose window plan.yaml fits (default: {PLAN_MODEL})")
+
+
+def _add_plan_command(commands):
+    plan = commands.add_parser("plan", help="fingerprint a data set folder and write its plan.yaml",
+                               description="Measure the labelled cases of an MSD/decathlon folder (spacing, shape, "
+                                           "body crop, class voxels, foreground intensities) into fingerprint.json "
+                                           "and derive plan.yaml, a dataset config: --data_config DIR/plan.yaml. "
+                                           "Nothing is copied; measurements are cached in DIR.")
+    plan.add_argument("folder", metavar="DIR", help="the data set folder, holding dataset.json")
+    plan.add_argument("--dataset_json", default="dataset.json", metavar="NAME",
+                      help="its list of cases, relative to DIR (default: dataset.json)")
+    plan.add_argument("--model_config", default=PLAN_MODEL, metavar="NAME|PATH",
+                      help=f"the model whose window the plan fits (default: {PLAN_MODEL})")
 
 
 def _add_experiment_commands(commands):
@@ -169,6 +186,7 @@ def build_parser():
     _add_run_commands(commands, shared)
     _add_inference_commands(commands, shared)
     _add_tool_commands(commands, shared)
+    _add_plan_command(commands)
     _add_experiment_commands(commands)
     return parser
 
@@ -385,8 +403,29 @@ def cmd_prepare(args):
     from data.prepare import prepare
 
     out, json_name, val_fraction = _prepare_defaults(args)
-    return prepare(args.dataset, args.raw, out, labels=args.labels, force=args.force, val_fraction=val_fraction,
-                   json_name=json_name)
+    rule = _window_rule(args.model_config)
+    out = prepare(args.dataset, args.raw, out, labels=args.labels, force=args.force, val_fraction=val_fraction,
+                  json_name=json_name, window_rule=rule)
+    config.resolve_config(str(out.resolve() / "plan.yaml"), args.model_config)  # usable as it is
+    return out
+
+
+def cmd_plan(args):
+    from data.plan import plan_folder
+
+    path = plan_folder(args.folder, _window_rule(args.model_config), args.dataset_json)
+    config.resolve_config(str(path), args.model_config)  # usable as it is, checked like any dataset config
+    return path
+
+
+def _window_rule(model_config):
+    """The windows the model of `model_config` accepts, for the planner (the data room knows no models)."""
+    import models
+    from data.plan import WindowRule
+
+    cfg = config.resolve_config(model_config=model_config)
+    multiples, coarsest = models.window_rule(cfg["model"]["name"], **config.model_kwargs(cfg))
+    return WindowRule(cfg["model"]["name"], str(model_config), multiples, coarsest)
 
 
 def _prepare_defaults(args):
@@ -430,7 +469,7 @@ def cmd_compare(args):
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "test": cmd_test, "predict": cmd_predict, "flops": cmd_flops,
-            "prepare": cmd_prepare, "experiment": cmd_experiment, "compare": cmd_compare}
+            "prepare": cmd_prepare, "plan": cmd_plan, "experiment": cmd_experiment, "compare": cmd_compare}
 
 
 if __name__ == "__main__":

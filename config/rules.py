@@ -70,6 +70,10 @@ def _device(v):
     return "choose auto, cpu, cuda or cuda:N"
 
 
+def _sha256(v):
+    return None if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) else "must be 64 lower-case hex digits"
+
+
 def _seed(v):
     return None if 0 <= v < 2**32 else "must lie in [0, 2^32)"
 
@@ -84,12 +88,15 @@ RULES = {
     "data.split_file": _optional(_text),
     "data.val_fraction": _optional(_number(_in_range(0.0, 1.0, low_open=True, high_open=True))),
     "data.spacing": _items(3, POSITIVE), "data.orientation": _orientation,
-    "data.intensity_range": _items(2, lambda v: None), "data.crop_foreground": None,
+    "data.normalization": _one_of("window", "ct", "zscore"),
+    "data.intensity_range": _items(2, lambda v: None), "data.intensity_mean": _optional(_number(lambda v: None)),
+    "data.intensity_std": _optional(_number(POSITIVE)), "data.crop_foreground": None,
     "data.num_samples": _at_least(1), "data.crop_sampling": _one_of("posneg", "classes"),
     "data.pos": NON_NEGATIVE, "data.neg": NON_NEGATIVE,
     "data.flip_prob": PROBABILITY, "data.rot90_prob": PROBABILITY, "data.rot90_max_k": _in_range(1, 3),
     "data.intensity_scale": NON_NEGATIVE, "data.intensity_shift": NON_NEGATIVE, "data.intensity_prob": PROBABILITY,
     "data.cache_rate": PROBABILITY, "data.num_workers": NON_NEGATIVE, "data.check_intensities": None,
+    "data.fingerprint": _optional(_text), "data.fingerprint_sha256": _optional(_sha256),
     "model.name": _text, "model.in_channels": _at_least(1), "model.out_channels": _at_least(2),
     "model.roi_size": _items(3, _at_least(1)),
     "trainer.optimizer": _one_of("adamw", "sgd"), "trainer.lr": POSITIVE, "trainer.weight_decay": NON_NEGATIVE,
@@ -114,6 +121,10 @@ def _between_keys(cfg):
     low, high = data["intensity_range"]
     if not low < high:
         yield ("data.intensity_range",), "must be [low, high] with low < high"
+    if data["normalization"] == "ct":
+        for key in ("intensity_mean", "intensity_std"):
+            if data[key] is None:
+                yield (f"data.{key}", "data.normalization"), "ct normalization needs the foreground mean and std"
     if data["pos"] + data["neg"] <= 0:
         yield ("data.pos", "data.neg"), "must not both be 0"
     if trainer["warmup_epochs"] > trainer["max_epochs"]:

@@ -1,5 +1,5 @@
 """Data room: dataset lists, pre-flight checks, transforms, loaders, synthetic phantoms, geometry inversion,
-and (never imported by training) `prepare`. Knows nothing of models."""
+and (never imported by training) `prepare`, `fingerprint` and `plan`. Knows nothing of models."""
 from core.errors import DataConfigError
 
 from .datalist import class_names, read_datalist

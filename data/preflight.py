@@ -7,11 +7,13 @@ otherwise decode to wrong voxels without a word); 3D (or 4D with model.in_channe
 intensities (with data.check_intensities); its label has the same shape and affine (within
 AFFINE_TOLERANCE_MM), an intact stream and integer values in 0..out_channels-1. What was learnt from a
 file's voxels is cached per file (path, size, modification time) in <data_dir>/.preflight_cache.json, so a
-repeated run reads only new or changed files.
+repeated run reads only new or changed files. A config made by `main.py plan` is also checked against the
+data its fingerprint describes (provenance.py): a changed data set is a warning, not an error.
 """
 import gzip
 import json
 import os
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 from core.fileio import atomic_path
 
 from .datalist import collect_datalist, problem_report
+from .provenance import stale_plan
 
 AFFINE_TOLERANCE_MM = 1e-3  # image and label affines may differ by float rounding, not by a voxel shift
 CACHE_NAME = ".preflight_cache.json"
@@ -57,34 +60,49 @@ def _voxel_facts(path, kind):
     return {"finite": bool(finite.all()), "nonfinite": int(finite.size - finite.sum()) if finite.ndim else 0}
 
 
-class _Cache:
-    def __init__(self, folder):
-        self.path = Path(folder) / CACHE_NAME if folder is not None else None
-        self.entries, self.changed = {}, False
+class FileCache:
+    """What was learnt from files' contents, as JSON in `folder`/`name` (nothing kept when `folder` is None),
+    keyed by each file's path, size and modification time: a changed file is read again. Entries of another
+    `version` are dropped."""
+
+    def __init__(self, folder, name=CACHE_NAME, version=CACHE_VERSION):
+        self.path = Path(folder) / name if folder is not None else None
+        self.version = version
+        self.entries, self.changed, self.used = {}, False, set()
         if self.path is not None and self.path.is_file():
             try:
                 content = json.loads(self.path.read_text())
-                if content.get("version") == CACHE_VERSION:
+                if content.get("version") == version:
                     self.entries = content["entries"]
             except (OSError, ValueError, KeyError, AttributeError):
                 self.entries = {}  # an unreadable cache is rebuilt
 
-    def facts(self, path, kind):
-        st = os.stat(path)
-        key = f"{kind}|{path}|{st.st_size}|{st.st_mtime_ns}"
+    def get(self, kind, paths, compute):
+        """The cached facts of `kind` about the files `paths`, or compute() stored as them."""
+        stats = [os.stat(path) for path in paths]
+        key = "|".join([kind] + [f"{path}|{st.st_size}|{st.st_mtime_ns}" for path, st in zip(paths, stats)])
         if key not in self.entries:
-            self.entries[key] = _voxel_facts(path, kind)
+            self.entries[key] = compute()
             self.changed = True
+        self.used.add(key)
         return self.entries[key]
 
-    def save(self):
+    def facts(self, path, kind):
+        return self.get(kind, [path], lambda: _voxel_facts(path, kind))
+
+    def save(self, prune=False):
+        """Write the cache if anything was added; with `prune`, keep only the entries used since it was read
+        (for callers that look at every file each time, so that changed files leave no stale entries)."""
+        if prune and self.used != set(self.entries):
+            self.entries = {k: v for k, v in self.entries.items() if k in self.used}
+            self.changed = True
         if self.path is None or not self.changed:
             return
         try:
             with atomic_path(self.path) as tmp:
-                Path(tmp).write_text(json.dumps({"version": CACHE_VERSION, "entries": self.entries}))
+                Path(tmp).write_text(json.dumps({"version": self.version, "entries": self.entries}))
         except OSError:
-            pass  # a read-only data folder: the checks still ran, the next run repeats them
+            pass  # a read-only data folder: the work was done, the next run repeats it
 
 
 def _header(path):
@@ -170,7 +188,7 @@ def check_case(image, label, in_channels, out_channels, check_intensities, cache
 
 def _run(cases, in_channels, out_channels, check_intensities, cache_dir):
     """cases: [(where, image, label or None)] -> [(where, reason)] in the order of `cases`."""
-    cache = _Cache(cache_dir)
+    cache = FileCache(cache_dir)
     workers = max(1, min(8, os.cpu_count() or 1))  # zlib and file reads release the GIL
 
     def one(case):
@@ -186,8 +204,12 @@ def _run(cases, in_channels, out_channels, check_intensities, cache_dir):
 
 def check_datalist(d, in_channels, out_channels, splits=("training", "validation")):
     """Check every case of `splits` of the data section `d`, and that every listed file exists; raises
-    DataConfigError listing all problems (up to SHOWN). Returns the number of cases checked."""
+    DataConfigError listing all problems (up to SHOWN). Returns the number of cases checked. A plan whose
+    data changed since its fingerprint (data.fingerprint) is a one-line warning on stderr."""
     lists, missing, _ = collect_datalist(d, out_channels)
+    stale = stale_plan(d, lists)
+    if stale:
+        print(f"warning: {stale}", file=sys.stderr)
     cases = [(f"{split}[{i}]", e["image"], e.get("label") if os.path.isfile(e.get("label", "")) else None)
              for split in splits for i, e in enumerate(lists[split]) if os.path.isfile(e["image"])]
     failures = missing + _run(cases, in_channels, out_channels, d["check_intensities"], d["data_dir"])

@@ -9,7 +9,9 @@
 Images are hard-linked (copied where links are impossible) unchanged; labels are rewritten as uint8 with the
 protocol's remap and the label file's own header. Every case is checked first (readable, 3D, same shape and
 affine as its image, label values in range, finite intensities); the first bad case stops with one line.
-The folder is built in a temporary sibling and renamed into place when complete. Never imported by training.
+The labelled training and validation cases are measured on the way for fingerprint.json (fingerprint.py),
+and plan.yaml (plan.py) is written from it for the model main.py names. The folder is built in a temporary
+sibling and renamed into place when complete. Never imported by training.
 """
 import contextlib
 import json
@@ -27,6 +29,8 @@ from tqdm import tqdm
 
 from core.errors import DataConfigError
 
+from . import fingerprint as fingerprints
+from . import plan as plans
 from .datalist import hold_out_validation, parse_labels
 from .preflight import read_verified
 
@@ -123,8 +127,9 @@ def synapse_preparation(raw, labels="standard"):
     mapping = SYNAPSE_LABELS[labels]
     names = ["background"] + [BTCV_ORGANS[mapping[c]] for c in sorted(mapping)]
     validation = ", ".join(f"img{n:04d}" for n in SYNAPSE_VALIDATION)
-    extra = {"name": "Synapse", "description": f"BTCV abdomen (Synapse multi-organ), {labels} labels: "
-             f"{', '.join(names[1:])}; 18 training (validation {validation}) and the 12 TransUNet test cases"}
+    extra = {"name": "Synapse", "modality": {"0": "CT"},
+             "description": f"BTCV abdomen (Synapse multi-organ), {labels} labels: {', '.join(names[1:])}; "
+                            f"18 training (validation {validation}) and the 12 TransUNet test cases"}
     return Preparation(f"synapse ({labels} labels)", cases, names, _remap_table(mapping), max(BTCV_ORGANS),
                 "dataset.json", extra)
 
@@ -139,8 +144,9 @@ def btcv_preparation(raw, json_name=BTCV_JSON):
     scans = sorted(p for p in testing.iterdir() if p.name.startswith("img") and p.name.endswith(".nii.gz"))
     cases += [Case(p, None, "test", f"imagesTs/{p.name}", None) for p in scans]
     names = ["background"] + [BTCV_ORGANS[v] for v in sorted(BTCV_ORGANS)]
-    extra = {"name": "BTCV", "description": "BTCV abdomen, 13 organs; Swin UNETR's split (validation "
-             "img0035-img0040); the test list holds the challenge's unlabelled scans"}
+    extra = {"name": "BTCV", "modality": {"0": "CT"},
+             "description": "BTCV abdomen, 13 organs; Swin UNETR's split (validation img0035-img0040); the test "
+                            "list holds the challenge's unlabelled scans"}
     return Preparation("btcv (13 organs)", cases, names, None, len(names) - 1, json_name, extra)
 
 
@@ -212,7 +218,7 @@ def _check_image(path):
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = np.count_nonzero(~np.isfinite(array))
         raise DataConfigError(f"{path}: holds {bad} non-finite intensities (NaN or inf)")
-    return img, array.shape
+    return img, array
 
 
 def _check_label(path, image_path, image, shape, raw_max):
@@ -249,20 +255,24 @@ def _write_label(values, label, dst):
 
 
 def _prepare_into(prep, folder):
-    """Check and write every case into `folder`; returns the statistics for the summary."""
+    """Check and write every case into `folder`, measuring the labelled training and validation cases for the
+    fingerprint (read once for both); returns the statistics for the summary and the fingerprint's inputs."""
     n_classes = len(prep.class_names)
-    stats = {"shapes": [], "spacings": [], "voxels": np.zeros(n_classes, dtype=np.int64)}
+    stats = {"shapes": [], "spacings": [], "voxels": np.zeros(n_classes, dtype=np.int64), "measured": []}
     lists = {"training": [], "validation": [], "test": []}
     for case in tqdm(prep.cases, desc=f"prepare {prep.title}", unit="case"):
-        image, shape = _check_image(case.image)
-        stats["shapes"].append(shape)
+        image, array = _check_image(case.image)
+        stats["shapes"].append(array.shape)
         stats["spacings"].append(tuple(float(z) for z in image.header.get_zooms()[:3]))
         entry = {"image": f"./{case.image_out}"}
         if case.label is not None:
-            label, values = _check_label(case.label, case.image, image, shape, prep.raw_label_max)
+            label, values = _check_label(case.label, case.image, image, array.shape, prep.raw_label_max)
             if prep.remap is not None:
                 values = prep.remap[values]
             stats["voxels"] += np.bincount(values.ravel(), minlength=n_classes)[:n_classes]
+            if case.split in fingerprints.LABELLED_SPLITS:
+                stats["measured"].append(((case.split, case.image_out, case.label_out),
+                                          fingerprints.measure_case(array, image.affine, values, case.image_out)))
             _write_label(values, label, folder / case.label_out)
             entry["label"] = f"./{case.label_out}"
         _place_image(case.image, folder / case.image_out)
@@ -271,8 +281,19 @@ def _prepare_into(prep, folder):
                "numTraining": len(lists["training"]) + len(lists["validation"]), "numTest": len(lists["test"]),
                **lists}
     (folder / prep.json_name).write_text(json.dumps(content, indent=2) + "\n")
-    stats["lists"] = lists
+    stats["lists"], stats["content"] = lists, content
     return stats
+
+
+def _fingerprint_and_plan(prep, stats, folder, out, window_rule):
+    """fingerprint.json (and plan.yaml when a model's window rule is given) of the folder being built."""
+    cases, measured = zip(*stats["measured"])
+    fp = fingerprints.build_fingerprint(folder, prep.json_name, stats["content"], list(cases), list(measured))
+    _, sha256 = fingerprints.write_fingerprint(folder, fp)
+    if window_rule is None:
+        return None
+    path, warnings = plans.write_plan(folder, out, fp, sha256, window_rule)
+    return plans.report(fp, out / path.name, warnings)
 
 
 def summary_table(prep, stats, out):
@@ -341,9 +362,10 @@ def _build(dataset, raw, labels, val_fraction, json_name):
 
 
 def prepare(dataset, raw, out, labels="standard", force=False, val_fraction=DEFAULT_VAL_FRACTION,
-            json_name=BTCV_JSON):
-    """Build the decathlon folder `out` of `dataset` from `raw`; returns the output folder. `json_name` is
-    the list's file name for btcv; `val_fraction` the validation share for msd tasks without a list."""
+            json_name=BTCV_JSON, window_rule=None):
+    """Build the decathlon folder `out` of `dataset` from `raw`, with its fingerprint.json, and its plan.yaml
+    for the model whose plan.WindowRule `window_rule` is; returns the output folder. `json_name` is the
+    list's file name for btcv; `val_fraction` the validation share for msd tasks without a list."""
     if dataset not in DATASETS:
         raise DataConfigError(f"dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if labels != "standard" and dataset != "synapse":
@@ -359,6 +381,7 @@ def prepare(dataset, raw, out, labels="standard", force=False, val_fraction=DEFA
         building = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-{pid}-", dir=out.parent))
         try:
             stats = _prepare_into(prep, building)
+            planned = _fingerprint_and_plan(prep, stats, building, out, window_rule)
             building.chmod(0o755)  # mkdtemp makes it private
             if out.exists():
                 replaced = Path(tempfile.mkdtemp(prefix=f".{out.name}.{OLD}-{pid}-", dir=out.parent))
@@ -370,4 +393,6 @@ def prepare(dataset, raw, out, labels="standard", force=False, val_fraction=DEFA
         finally:
             shutil.rmtree(building, ignore_errors=True)
     print(summary_table(prep, stats, out))
+    if planned:
+        print(planned)
     return out

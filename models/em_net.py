@@ -77,7 +77,7 @@ def convert_checkpoint_weights(state_dict):
     return state_dict
 
 
-@register_model("em-net", convert_state_dict=convert_checkpoint_weights)
+@register_model("em-net", convert_state_dict=convert_checkpoint_weights, window_multiple=WINDOW_MULTIPLE)
 class EMNet(nn.Module):
     """EM-Net for (B, in_channels, *roi_size) inputs. The positional embeddings and Fourier weights are
     tied to `roi_size`: inputs of another size are rejected (use sliding-window inference).

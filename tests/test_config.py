@@ -282,11 +282,13 @@ def test_load_config_validates_again(tmp_path):
 BAD_VALUES = {
     "data.name": "''", "data.data_dir": "''", "data.dataset_json": "' '", "data.split_file": "5",
     "data.val_fraction": "abc", "data.spacing": "[2.0, 2.0]", "data.orientation": "XYZ",
-    "data.intensity_range": "[250.0, -175.0]", "data.crop_foreground": "maybe", "data.num_samples": "0",
+    "data.normalization": "minmax", "data.intensity_range": "[250.0, -175.0]", "data.intensity_mean": "'mid'",
+    "data.intensity_std": "0.0", "data.crop_foreground": "maybe", "data.num_samples": "0",
     "data.crop_sampling": "random", "data.pos": "-1.0", "data.neg": "-0.5", "data.flip_prob": "1.5",
     "data.rot90_prob": "-0.1", "data.rot90_max_k": "4", "data.intensity_scale": "-0.1",
     "data.intensity_shift": "-1.0", "data.intensity_prob": "2.0", "data.cache_rate": "1.1",
-    "data.num_workers": "-1", "data.check_intensities": "1",
+    "data.num_workers": "-1", "data.check_intensities": "1", "data.fingerprint": "''",
+    "data.fingerprint_sha256": "'abc'",
     "model.name": "''", "model.in_channels": "0", "model.out_channels": "1", "model.roi_size": "[32, 32]",
     "trainer.optimizer": "adam", "trainer.lr": "0.0", "trainer.weight_decay": "-0.01", "trainer.momentum": "1.0",
     "trainer.nesterov": "'yes'", "trainer.max_epochs": "0", "trainer.iters_per_epoch": "0",
@@ -325,6 +327,14 @@ def test_the_reported_values_are_refused_when_the_config_is_loaded_naming_the_fi
     section, rest = value.split(".", 1)
     path = write(tmp_path / "d.yaml", f"{section}:\n  {rest}\n")
     assert error(data_config=str(path)).startswith(f"{path}: {reason}")
+
+
+def test_ct_normalization_needs_the_foreground_mean_and_std():
+    message = error(overrides=["data.normalization=ct", "data.intensity_mean=40.0"])
+    assert message == ("data.intensity_std = None (configs/defaults.yaml) and data.normalization = 'ct' (--set): ct "
+                       "normalization needs the foreground mean and std")
+    cfg = resolve_config(overrides=["data.normalization=ct", "data.intensity_mean=40", "data.intensity_std=25"])
+    assert cfg["data"]["intensity_mean"] == 40 and cfg["data"]["normalization"] == "ct"
 
 
 def test_values_that_clash_name_both_keys_and_their_files(files):

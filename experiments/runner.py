@@ -155,6 +155,10 @@ def run_experiment(experiment, launcher, retry_failed=False, force=False, dry_ru
         print(f"{len(failed)} failed run(s) left as they are (--retry-failed retries them): {', '.join(failed)}",
               file=sys.stderr)
     write_state(experiment, current)
+    if not todo:
+        finished = sum(state == job.FINISHED for state, _ in current.values())
+        print(f"experiment {experiment.name}: nothing to run ({finished} of {len(current)} runs finished)",
+              file=sys.stderr)
     progress = Progress(len(todo))
     try:
         launcher.run(experiment, todo, progress)

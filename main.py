@@ -121,8 +121,7 @@ def _add_tool_commands(commands, shared):
                               f"(default: the matching dataset config's data.val_fraction, else "
                               f"{DEFAULT_VAL_FRACTION})")
     prepare.add_argument("--force", action="store_true", help="replace an existing output folder")
-    prepare.add_argument("--model_config", default=PLAN_MODEL, metavar="NAME|PATH",
-                         help=f"the model whose window plan.yaml fits (default: {PLAN_MODEL})")
+    _add_plan_model_argument(prepare)
 
 
 def _add_plan_command(commands):
@@ -134,8 +133,12 @@ def _add_plan_command(commands):
     plan.add_argument("folder", metavar="DIR", help="the data set folder, holding dataset.json")
     plan.add_argument("--dataset_json", default="dataset.json", metavar="NAME",
                       help="its list of cases, relative to DIR (default: dataset.json)")
-    plan.add_argument("--model_config", default=PLAN_MODEL, metavar="NAME|PATH",
-                      help=f"the model whose window the plan fits (default: {PLAN_MODEL})")
+    _add_plan_model_argument(plan)
+
+
+def _add_plan_model_argument(parser):
+    parser.add_argument("--model_config", default=PLAN_MODEL, metavar="NAME|PATH",
+                        help=f"the model whose window plan.yaml fits (default: {PLAN_MODEL})")
 
 
 def _add_experiment_commands(commands):
@@ -194,8 +197,9 @@ def build_parser():
 def cli(argv=None, default_command="run"):
     """Parse `argv` and run the command; without a command `default_command` runs. A UserError (config, data,
     checkpoint, device, output location, a stop asked for) prints one line to stderr and exits with its
-    exit_code (2 for mistakes, 128 + signal for a stop, 1 for a diverged run); Ctrl-C before training exits
-    130. Genuine bugs keep their traceback; --debug (anywhere on the line) shows it for every error."""
+    exit_code (2 for mistakes, 128 + signal for a stop, 1 for a diverged run); so does an OSError of a full,
+    read-only or forbidden location (2); Ctrl-C before training exits 130. Genuine bugs keep their traceback;
+    --debug (anywhere on the line) shows it for every error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -207,10 +211,22 @@ def cli(argv=None, default_command="run"):
     except (UserError, KeyboardInterrupt) as err:
         if debug:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one message for the job
-            message = (str(err) or type(err).__name__) if isinstance(err, UserError) else "interrupted"
-            print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(err.exit_code if isinstance(err, UserError) else 130) from None
+        if isinstance(err, UserError):
+            _exit(str(err) or type(err).__name__, err.exit_code)
+        _exit("interrupted", 130)
+    except OSError as err:
+        # A write outside fileio.atomic_path (a label file of prepare, TensorBoard's events) that found the disk
+        # full or the folder read-only: the location's fault, not a bug.
+        reason = fileio.location_error(err)
+        if debug or reason is None:
+            raise
+        _exit(f"{reason}: {err.filename2 or err.filename or err}", 2)  # filename2: a copy's or rename's target
+
+
+def _exit(message, code):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one message for the job
+        print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 # --------------------------------------------------------------------------------------------------------- commands

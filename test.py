@@ -23,9 +23,9 @@ import reports
 from core import fileio
 from core.checkpoint import load_checkpoint
 from core.distributed import resolve_device
-from core.errors import ConfigError
+from core.errors import ConfigError, DataConfigError
 from core.rundir import RunDir
-from data.preflight import check_images
+from data.preflight import check_datalist, check_images
 from data.transforms import PREPROCESSING_KEYS
 from engine.inference import SlidingWindow, ensemble_probabilities
 from engine.network import load_network
@@ -82,9 +82,10 @@ def _load_label(path, num_classes, shape):
     if gt.ndim == 4 and gt.shape[3] == 1:
         gt = gt[..., 0]
     if gt.shape != tuple(shape):
-        raise ValueError(f"label {path} has shape {gt.shape}, but its image (and the prediction) {tuple(shape)}")
+        raise DataConfigError(f"label {path} has shape {gt.shape}, but its image (and the prediction) "
+                              f"{tuple(shape)}")
     if gt.min() < 0 or gt.max() >= num_classes:
-        raise ValueError(f"label {path} holds values {gt.min()}..{gt.max()}, outside 0..{num_classes - 1}")
+        raise DataConfigError(f"label {path} holds values {gt.min()}..{gt.max()}, outside 0..{num_classes - 1}")
     return gt, tuple(float(z) for z in label.header.get_zooms()[:3])
 
 
@@ -147,6 +148,8 @@ def _evaluate(members, out_dir, split):
     num_classes = cfg["model"]["out_channels"]
     names = data.class_names(cfg["data"], num_classes)
     case_names, cases = _labelled_cases(cfg, split)
+    # Every case checked before any inference: a bad label is named at once, not after the cases before it.
+    check_datalist(cfg["data"], cfg["model"]["in_channels"], num_classes, splits=(split,))
     loader = data.make_eval_loader(cfg["data"], num_classes, split)
     rows = []
     progress = tqdm(zip(case_names, cases, loader), total=len(cases), desc=f"evaluate {split}", unit="case")

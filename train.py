@@ -6,10 +6,10 @@ loader); the learning rate follows a linear warmup then a cosine decay, stepped 
 torchrun every process runs the loop on its shard of the data; rank 0 alone logs and writes files.
 
 Trainer.fit is the loop: train_epoch (train_step per batch), finish_epoch (the loss reduced over ranks, the
-history), validate, save, log_epoch. StopGuard turns SIGINT/SIGTERM into a stop after the current step and
-keeps what was trained when the loop crashes. A resume continues bit-identically: the data stream is a
-function of the step count (data/loaders.py) and the checkpoint holds every rank's random streams
-(checkpoint.snapshot / restore).
+history), validate, save, log_epoch. StopGuard turns SIGINT, SIGTERM and SIGUSR2 into a stop after the
+current step and keeps what was trained when the loop crashes. A resume continues bit-identically: the data
+stream is a function of the step count (data/loaders.py) and the checkpoint holds every rank's random
+streams (checkpoint.snapshot / restore).
 """
 import gc
 import logging
@@ -62,7 +62,6 @@ from engine.step import (
 )
 
 log = logging.getLogger("train")
-
 
 
 def run(cfg, run_dir, resume=None):
@@ -388,8 +387,6 @@ def _changed_settings(saved, cfg):
     changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s in ("data", "model", "trainer")
                for k, v in cfg[s].items() if saved.get(s, {}).get(k) != v]
     return f"; changed settings: {'; '.join(changed)}" if changed else ""
-
-
 
 
 if __name__ == "__main__":  # python train.py ... is python main.py train ...

@@ -87,13 +87,19 @@ def timed_plan(folder, rule):
     return time.perf_counter() - started, status_kb("VmHWM") / 1024
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def generated_data_set(description):
+    """The --workdir and --cases of the command line: the folder of that many generated cases, made once."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/bench_fingerprint")
     parser.add_argument("--cases", type=int, default=100)
     args = parser.parse_args()
     folder = Path(args.workdir) / f"ct{args.cases}"
     generate(folder, args.cases)
+    return folder, args.cases
+
+
+def main():
+    folder, cases = generated_data_set(__doc__)
     from data.plan import WindowRule
 
     rule = WindowRule("em-net", "em_net", (32, 32, 32))
@@ -105,7 +111,7 @@ def main():
     warm = timed_plan(folder, rule)  # every file read again, now from the OS page cache
     cached = timed_plan(folder, rule)
     size_gb = sum(p.stat().st_size for p in folder.rglob("*.nii.gz")) / 1e9
-    print(f"\n{args.cases} cases of {' x '.join(str(b * u) for b, u in zip(BASE, UPSAMPLE))} voxels "
+    print(f"\n{cases} cases of {' x '.join(str(b * u) for b, u in zip(BASE, UPSAMPLE))} voxels "
           f"({size_gb:.1f} GB of .nii.gz)")
     for what, (seconds, peak_mb) in ((f"cold ({'page cache dropped' if dropped else 'page cache kept: no root'})",
                                       cold), ("no fingerprint cache, files in the OS page cache", warm),

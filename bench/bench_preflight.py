@@ -10,7 +10,6 @@ bench_fingerprint.py's data set, generated once), side by side in one run:
   cached    the pre-flight again: the answers come from <data_dir>/.preflight_cache.json.
 Where this process may (root), the OS page cache is dropped before each cold run, so both read from disk.
 """
-import argparse
 import os
 import sys
 import time
@@ -19,28 +18,33 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from bench_fingerprint import _drop_page_cache, generate  # bench/ is this script's folder, first on sys.path
+from bench_fingerprint import _drop_page_cache, generated_data_set  # bench/ is this script's folder, first on sys.path
 from machine import describe as describe_machine
 from rss import reset_peak_rss, status_kb
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DATA = {"name": "bench", "dataset_json": "dataset.json", "split_file": None, "val_fraction": 0.2,
-        "check_intensities": True}
+
+def _data_section(folder):
+    """configs/defaults.yaml's data section for the generated set (no validation list: 20% of training)."""
+    import config
+
+    return {**config.read_yaml(config.DEFAULTS_FILE)["data"], "name": "bench", "data_dir": str(folder),
+            "val_fraction": 0.2}
 
 
 def verified(folder):
     from data.preflight import CACHE_NAME, check_datalist
 
     (folder / CACHE_NAME).unlink(missing_ok=True)
-    return check_datalist({**DATA, "data_dir": str(folder)}, 1, 9)
+    return check_datalist(_data_section(folder), 1, 9)
 
 
 def cached(folder):
     from data.preflight import check_datalist
 
-    return check_datalist({**DATA, "data_dir": str(folder)}, 1, 9)
+    return check_datalist(_data_section(folder), 1, 9)
 
 
 def partial(folder):
@@ -64,14 +68,9 @@ def timed(fn, folder, drop):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/bench_fingerprint")
-    parser.add_argument("--cases", type=int, default=100)
-    args = parser.parse_args()
-    folder = Path(args.workdir) / f"ct{args.cases}"
-    generate(folder, args.cases)
+    folder, cases = generated_data_set(__doc__)
     size_gb = sum(p.stat().st_size for p in folder.rglob("*.nii.gz")) / 1e9
-    print(f"{args.cases} cases of 512 x 512 x 100 voxels, image and label ({size_gb:.1f} GB of .nii.gz)")
+    print(f"{cases} cases of 512 x 512 x 100 voxels, image and label ({size_gb:.1f} GB of .nii.gz)")
     for name, fn, drop in (("partial (before: no CRC)", partial, True), ("verified (to the stream's end)", verified,
                                                                           True), ("cached", cached, False)):
         seconds, peak, count, dropped = timed(fn, folder, drop)

@@ -21,7 +21,8 @@ def unavailable():
     if not torch.cuda.is_available():
         return "CUDA is not available"
     if _kernel() is None:
-        return "mamba-ssm does not import (pip install -r requirements-cuda.txt --no-build-isolation)"
+        return ("mamba-ssm and its selective_scan_cuda extension do not import "
+                "(MAMBA_KEEP_CUDA_BUILD=TRUE pip install -r requirements-cuda.txt --no-build-isolation)")
     return None
 
 

@@ -33,6 +33,7 @@ def unsupported(u):
     """Why this backend cannot take tensors like `u`, or None."""
     return None if u.device.type == "cpu" else f"it needs CPU tensors, got {u.device}"
 
+
 if _numba is not None:
     from llvmlite import ir as _ir
     from numba import prange
@@ -92,6 +93,10 @@ if _numba is not None:
         # Threshold 20 as in torch.nn.functional.softplus and the mamba-ssm kernel.
         return math.log1p(math.exp(x)) if x <= 20 else x
 
+    @_numba.njit(inline="always", fastmath=_FASTMATH)
+    def _step_size(raw, softplus):
+        return _softplus(raw) if softplus else raw
+
     @_numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
     def _numba_forward(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, chunk, out, states):
         batch, dim, length = u.shape
@@ -103,9 +108,7 @@ if _numba is not None:
             for t in range(length):
                 if save and t % chunk == 0:
                     states[b, d, t // chunk, :] = h
-                dt = delta[b, d, t] + bias[d]
-                if softplus:
-                    dt = _softplus(dt)
+                dt = _step_size(delta[b, d, t] + bias[d], softplus)
                 x = dt * u[b, d, t]
                 y = Dv[d] * u[b, d, t]
                 for n in range(nstate):
@@ -139,9 +142,7 @@ if _numba is not None:
                     hbuf[0, :] = states[b, d, c, :]
                     for i in range(steps):
                         t = t0 + i
-                        dt = delta[b, d, t] + bias[d]
-                        if softplus:
-                            dt = _softplus(dt)
+                        dt = _step_size(delta[b, d, t] + bias[d], softplus)
                         x = dt * u[b, d, t]
                         y = Dv[d] * u[b, d, t]
                         for n in range(nstate):
@@ -153,7 +154,7 @@ if _numba is not None:
                     for i in range(steps - 1, -1, -1):
                         t = t0 + i
                         raw = delta[b, d, t] + bias[d]
-                        dt = _softplus(raw) if softplus else raw
+                        dt = _step_size(raw, softplus)
                         ut = u[b, d, t]
                         dy = dout[b, d, t]
                         if has_z:
@@ -218,7 +219,6 @@ class _NumbaScan(torch.autograd.Function):
         needs = ctx.needs_input_grad
         return (du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD if needs[5] else None,
                 dz if has_z else None, dbias if needs[7] else None, None)
-
 
 
 def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):

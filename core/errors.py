@@ -32,7 +32,7 @@ class OutputError(UserError, OSError):
 
 
 class TrainingInterrupted(UserError):
-    """SIGINT or SIGTERM stopped training after checkpoint_latest.pt was saved; exit status 128 + signal."""
+    """SIGINT, SIGTERM or SIGUSR2 stopped training after checkpoint_latest.pt was saved; exit status 128 + signal."""
 
     def __init__(self, message, signum):
         super().__init__(message)

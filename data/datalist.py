@@ -9,7 +9,8 @@ SHOWN = 20  # problems listed before "... and N more" (here and in the pre-fligh
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_json(path, what):
+def load_json(path, what):
+    """The JSON object in `path`; a missing file, invalid JSON or another value is a DataConfigError naming `what`."""
     if not path.is_file():
         raise DataConfigError(f"{what} not found: {path}")
     try:
@@ -79,7 +80,7 @@ def _entry(item, data_dir, source, split, index, problems):
 def _dataset_json(data, num_classes):
     """(path, content, labels) of the dataset.json; its class count must be num_classes."""
     json_path = _data_dir(data) / data["dataset_json"]
-    content = _load_json(json_path, "data.dataset_json")
+    content = load_json(json_path, "data.dataset_json")
     labels = parse_labels(content, json_path)
     if len(labels) != num_classes:
         raise DataConfigError(f"{json_path}: 'labels' lists {len(labels)} classes but model.out_channels is "
@@ -95,7 +96,7 @@ def _lists(data, json_path, content):
         if not split_path.is_absolute() and not split_path.exists() and (PROJECT_ROOT / split_path).exists():
             split_path = PROJECT_ROOT / split_path  # the shipped configs/splits/*.json, from any directory
         split_path = split_path.resolve()
-        lists, source = _load_json(split_path, "data.split_file"), split_path
+        lists, source = load_json(split_path, "data.split_file"), split_path
     return hold_out_validation(lists, data["val_fraction"]), source
 
 

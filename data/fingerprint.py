@@ -23,7 +23,7 @@ from tqdm import tqdm
 from core.errors import DataConfigError
 from core.fileio import atomic_path
 
-from .datalist import _load_json, parse_labels
+from .datalist import load_json, parse_labels
 from .preflight import FileCache, read_verified
 from .provenance import file_identity, sha256_of
 from .transforms import above_minimum
@@ -81,7 +81,7 @@ def labelled_cases(folder, dataset_json):
     """(dataset.json content, [(split, image, label)]) of `folder`: its training and validation cases, paths
     relative to the folder (absolute when outside it); a missing file or key is a one-line error."""
     json_path = folder / dataset_json
-    content = _load_json(json_path, "dataset list")
+    content = load_json(json_path, "dataset list")
     parse_labels(content, json_path)
     if not isinstance(content.get("training"), list) or not content["training"]:
         raise DataConfigError(f"{json_path}: key 'training' must be a non-empty list")

@@ -203,15 +203,18 @@ def _run(cases, in_channels, out_channels, check_intensities, cache_dir):
 
 
 def check_datalist(d, in_channels, out_channels, splits=("training", "validation")):
-    """Check every case of `splits` of the data section `d`, and that every listed file exists; raises
-    DataConfigError listing all problems (up to SHOWN). Returns the number of cases checked. A plan whose
-    data changed since its fingerprint (data.fingerprint) is a one-line warning on stderr."""
+    """Check every case of `splits` of the data section `d` (its files exist, read and fit together) and that
+    the test list's files exist; raises DataConfigError listing all problems (up to SHOWN). Returns the number
+    of cases checked. A plan whose data changed since its fingerprint (data.fingerprint) is a one-line
+    warning on stderr."""
     lists, missing, _ = collect_datalist(d, out_channels)
     stale = stale_plan(d, lists)
     if stale:
         print(f"warning: {stale}", file=sys.stderr)
     cases = [(f"{split}[{i}]", e["image"], e.get("label") if os.path.isfile(e.get("label", "")) else None)
              for split in splits for i, e in enumerate(lists[split]) if os.path.isfile(e["image"])]
+    # Missing files of the test list too: a run is tested after training, which should not be wasted on it.
+    missing = [(where, reason) for where, reason in missing if where.split("[")[0] in (*splits, "test")]
     failures = missing + _run(cases, in_channels, out_channels, d["check_intensities"], d["data_dir"])
     if failures:
         raise problem_report(failures, f"data pre-flight of {d['data_dir']} ({', '.join(splits)})")

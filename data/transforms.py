@@ -21,7 +21,8 @@ from monai.transforms import (
 )
 
 # The data keys eval_transforms reads: models evaluated together (an ensemble) must agree on them.
-PREPROCESSING_KEYS = ("spacing", "orientation", "intensity_range", "crop_foreground")
+PREPROCESSING_KEYS = ("spacing", "orientation", "normalization", "intensity_range", "intensity_mean",
+                      "intensity_std", "crop_foreground")
 
 
 def above_minimum(image):

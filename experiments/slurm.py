@@ -216,4 +216,3 @@ def _why(submitted):
     except Exception as err:  # noqa: BLE001  (submitit's own error of a job that left no result)
         return (str(err).strip().splitlines() or [type(err).__name__])[0]
     return "ended without a record"
-

@@ -329,6 +329,13 @@ def test_the_reported_values_are_refused_when_the_config_is_loaded_naming_the_fi
     assert error(data_config=str(path)).startswith(f"{path}: {reason}")
 
 
+def test_every_scan_backend_is_a_valid_setting_and_nothing_else():
+    from blocks.selective_scan import BACKENDS
+    from config.rules import SCAN_BACKENDS
+
+    assert ("auto", *BACKENDS) == SCAN_BACKENDS
+
+
 def test_ct_normalization_needs_the_foreground_mean_and_std():
     message = error(overrides=["data.normalization=ct", "data.intensity_mean=40.0"])
     assert message == ("data.intensity_std = None (configs/defaults.yaml) and data.normalization = 'ct' (--set): ct "

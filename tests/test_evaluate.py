@@ -148,6 +148,19 @@ def test_evaluate_writes_predictions_metrics_summary_and_overlays(setup, capsys)
     assert "soft" in printed and "bright" in printed and "(3 cases)" in printed
 
 
+def test_a_bad_test_label_is_named_before_any_inference(setup, monkeypatch):
+    cfg, ckpt, entries, tmp_path = setup
+    path = tmp_path / "data" / entries[2]["label"]
+    label = nib.load(str(path))
+    broken = np.asarray(label.dataobj).copy()
+    broken[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(broken, label.affine), str(path))
+    monkeypatch.setattr(evaluation, "_segment", lambda *args: pytest.fail("inference ran before the check"))
+    with pytest.raises(config.ConfigError) as err:
+        evaluation.evaluate(cfg, ckpt)
+    assert f"test[2]: label {path}" in str(err.value) and "7" in str(err.value)
+
+
 def test_without_resampling_the_prediction_is_exactly_the_intensity_classes(setup):
     # target spacing = the files' spacing: only reorientation, cropping and their inversion remain, and
     # the pointwise model's prediction must equal the classes of the original intensities voxel for voxel
@@ -328,3 +341,7 @@ def test_an_ensemble_averages_the_members_softmax_before_the_argmax(setup):
     mismatched["data"]["spacing"] = [1.0, 1.0, 1.0]
     with pytest.raises(config.ConfigError, match=r"ensemble: .*other.* has data.spacing = \[1.0, 1.0, 1.0\]"):
         evaluation.evaluate_ensemble([(cfg, ckpt), (mismatched, other)], tmp_path / "bad")
+    zscored = copy.deepcopy(cfg)
+    zscored["data"]["normalization"] = "zscore"
+    with pytest.raises(config.ConfigError, match=r"ensemble: .*other.* has data.normalization = 'zscore'"):
+        evaluation.evaluate_ensemble([(cfg, ckpt), (zscored, other)], tmp_path / "bad")

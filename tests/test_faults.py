@@ -437,18 +437,6 @@ def test_unreadable_checkpoint_and_unwritable_output_are_one_line(work, uninterr
     assert (code, err) == (2, f"error: --logdir {a_file / 'run'} cannot be created: a parent is not a folder\n")
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 256 KiB tmpfs (root only)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_full_disk_is_named_before_training_and_when_saving(work, full_disk):
     from core.checkpoint import save_checkpoint
     from core.fileio import OutputError

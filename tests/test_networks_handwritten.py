@@ -185,4 +185,3 @@ def test_tri_orientated_mamba_scans_forward_backward_and_across_slices():
         mixed[:, :, index] += scan(x_in[:, :, index], z[:, :, index])
     expected = x + (mixed.transpose(1, 2) @ mamba.out_proj.weight.T).transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
-

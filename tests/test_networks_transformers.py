@@ -75,7 +75,6 @@ def test_vtunet_block_tokens_attend_only_within_their_window(shift):
         return ((groups[:, None, None] == groups[p[0]]) & (groups[None, :, None] == groups[p[1]])
                 & (groups[None, None, :] == groups[p[2]]))
 
-
     x = torch.randn(1, size, size, size, dim, dtype=torch.float64)
     base, (keys, values) = block(x, mask)
     for p in [(1, 5, 12), (12, 2, 7), (6, 6, 6)]:

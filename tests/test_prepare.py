@@ -315,3 +315,14 @@ def test_an_interrupted_prepare_leaves_no_partial_folder_behind(archive, tmp_pat
     out = prepare("synapse", archive, tmp_path / "Synapse")  # ...so the next run of the same output does
     assert sorted(out.parent.glob(".Synapse.*")) == [] and (out / "dataset.json").is_file()
     assert digest(out) == digest(prepare("synapse", archive, tmp_path / "again"))
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(archive, full_disk, capsys):
+    """The label files are written by nibabel, outside the atomic writer: the command line still names the
+    disk's fault in one line, and the partial folder is gone."""
+    (full_disk / "filler").write_bytes(b"\0" * 200 * 1024)
+    with pytest.raises(SystemExit) as err:
+        main.cli(["prepare", "synapse", "--raw", str(archive), "--out", str(full_disk / "Synapse")])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert err.value.code == 2 and last.startswith(f"error: disk full: {full_disk / '.Synapse.partial-'}"), last
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

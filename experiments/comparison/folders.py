@@ -120,4 +120,3 @@ def compare_folders(folders, reference=None, checkpoint=None, output=None):
     for name, path in written["files"].items():
         print(f"  {name}: {path}")
     return written
-

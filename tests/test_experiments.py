@@ -275,3 +275,34 @@ def test_the_folds_ensemble_is_tested_together_and_compared_as_a_row_of_its_own(
     assert "| unet (ensemble of 2) |" in table and "| segresnet |" in table
     code, err = cli("test", "--checkpoint", str(folder), "--ensemble", "vnet")
     assert code == 2 and "--ensemble vnet: the experiment's models are unet, segresnet" in err
+
+
+def test_a_stop_signal_reaches_torchrun_as_sigterm_and_sigusr2_cannot_kill_it(tmp_path):
+    """A SLURM job's SIGUSR2 (or SIGTERM) to the process that started torchrun is passed on as SIGTERM, which
+    stops the ranks after their step; torchrun itself ignores SIGUSR2, of which its agent would die."""
+    import threading
+
+    from experiments.slurm import _run_forwarding_stops
+
+    ready = tmp_path / "ready"
+    child = ("import pathlib, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))\n"
+             f"pathlib.Path({str(ready)!r}).write_text(str(signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN))\n"
+             "time.sleep(60)\n")
+
+    def signal_when_ready():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the parent's handler is installed right after the child starts
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    sender = threading.Thread(target=signal_when_ready)
+    before = signal.getsignal(signal.SIGUSR2)
+    sender.start()
+    started = time.monotonic()
+    status, stopped_by = _run_forwarding_stops([sys.executable, "-c", child])
+    sender.join()
+    assert (status, stopped_by) == (128 + signal.SIGTERM, signal.SIGUSR2)
+    assert ready.read_text() == "True" and time.monotonic() - started < 30
+    assert signal.getsignal(signal.SIGUSR2) is before  # the handlers are put back

@@ -20,8 +20,12 @@ CHUNK = 64
 # Partial sums of the backward: a fixed count (not one per thread) keeps the sums' order, and so their last
 # digits, independent of the thread count; each group holds batch x L x N values for dB and for dC.
 GROUPS = 8
-# Reassociation lets LLVM vectorise the sums over N; no nnan/ninf, so inf/nan still propagate.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# No reassociation: with it LLVM vectorises the sums over N, but runs a vectorised loop only when its
+# arrays lie far enough apart in memory, else the scalar one, which adds in another order; the result then
+# depended on where the allocator put the buffers (1 step in about 60 of the main job differed in its last
+# digits). The loops over N are elementwise (vectorised all the same) and the sums over N plain ordered ones.
+# No nnan/ninf either, so inf/nan still propagate.
+_FASTMATH = {"contract", "nsz", "arcp"}
 
 
 def unavailable():
@@ -110,9 +114,10 @@ if _numba is not None:
                     states[b, d, t // chunk, :] = h
                 dt = _step_size(delta[b, d, t] + bias[d], softplus)
                 x = dt * u[b, d, t]
-                y = Dv[d] * u[b, d, t]
                 for n in range(nstate):
                     h[n] = _exp(dt * A[d, n]) * h[n] + x * Bt[b, t, n]
+                y = Dv[d] * u[b, d, t]
+                for n in range(nstate):
                     y += Ct[b, t, n] * h[n]
                 if has_z:
                     y *= z[b, d, t] / (1 + math.exp(-z[b, d, t]))
@@ -132,6 +137,8 @@ if _numba is not None:
             ybuf = np.empty(chunk, A.dtype)                # <C_t, h_t> + D u_t, for the z gate
             adj = np.empty(nstate, A.dtype)                # dloss / dh_t
             dA_row = np.empty(nstate, A.dtype)
+            ddt_terms = np.empty(nstate, A.dtype)         # step n's share of dloss / d delta'_t
+            du_terms = np.empty(nstate, A.dtype)          # and of dloss / du_t
             for row in range(g * rows // groups, (g + 1) * rows // groups):
                 b, d = row // dim, row % dim
                 adj[:] = 0
@@ -144,11 +151,12 @@ if _numba is not None:
                         t = t0 + i
                         dt = _step_size(delta[b, d, t] + bias[d], softplus)
                         x = dt * u[b, d, t]
-                        y = Dv[d] * u[b, d, t]
                         for n in range(nstate):
                             a = _exp(dt * A[d, n])
                             abuf[i, n] = a
                             hbuf[i + 1, n] = a * hbuf[i, n] + x * Bt[b, t, n]
+                        y = Dv[d] * u[b, d, t]
+                        for n in range(nstate):
                             y += Ct[b, t, n] * hbuf[i + 1, n]
                         ybuf[i] = y
                     for i in range(steps - 1, -1, -1):
@@ -162,17 +170,20 @@ if _numba is not None:
                             dz[b, d, t] = dy * ybuf[i] * sig * (1 + z[b, d, t] * (1 - sig))
                             dy = dy * z[b, d, t] * sig
                         dD_part[g, d] += dy * ut
-                        dut = dy * Dv[d]
-                        ddt = dut * 0
                         for n in range(nstate):
                             gn = adj[n] + dy * Ct[b, t, n]
                             dC_part[g, b, t, n] += dy * hbuf[i + 1, n]
                             decay = gn * abuf[i, n] * hbuf[i, n]
-                            ddt += decay * A[d, n] + gn * Bt[b, t, n] * ut
+                            ddt_terms[n] = decay * A[d, n] + gn * Bt[b, t, n] * ut
+                            du_terms[n] = gn * dt * Bt[b, t, n]
                             dA_row[n] += decay * dt
                             dB_part[g, b, t, n] += gn * dt * ut
-                            dut += gn * dt * Bt[b, t, n]
                             adj[n] = gn * abuf[i, n]
+                        dut = dy * Dv[d]
+                        ddt = dut * 0
+                        for n in range(nstate):
+                            ddt += ddt_terms[n]
+                            dut += du_terms[n]
                         if softplus:
                             ddt *= 1 / (1 + math.exp(-raw))
                         ddelta[b, d, t] = ddt

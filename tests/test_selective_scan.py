@@ -220,3 +220,22 @@ def test_numba_sums_do_not_depend_on_the_thread_count():
         ss.set_scan_backend("auto")
     for name in inputs:  # bit for bit: the channel sums of dA, dB, dC, dD are added in one order
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="needs numba")
+def test_numba_kernels_add_in_one_order_wherever_the_arrays_lie():
+    # With reassociation allowed, LLVM vectorises a loop that both writes arrays and sums over N, and runs
+    # the vectorised copy only when a run-time check finds its arrays far enough apart, else a scalar copy
+    # that adds in another order: two identical runs of the main job differed in 1 step of about 60.
+    # Without it, every sum over N is added in index order whichever copy runs.
+    inputs = make_inputs(batch=2, dim=8, nstate=16, length=70, dtype=torch.float32)
+    ss.set_scan_backend("numba")
+    try:
+        ours = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        ss.selective_scan(**ours, delta_softplus=True).sum().backward()
+    finally:
+        ss.set_scan_backend("auto")
+    for kernel in (scan_numba._numba_forward, scan_numba._numba_backward):
+        code = "".join(kernel.inspect_llvm().values())
+        assert "<16 x float>" in code or "<8 x float>" in code or "<4 x float>" in code  # still vectorised
+        assert " reassoc " not in code and " fast " not in code, kernel.__name__

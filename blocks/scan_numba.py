@@ -20,11 +20,10 @@ CHUNK = 64
 # Partial sums of the backward: a fixed count (not one per thread) keeps the sums' order, and so their last
 # digits, independent of the thread count; each group holds batch x L x N values for dB and for dC.
 GROUPS = 8
-# No reassociation: with it LLVM vectorises the sums over N, but runs a vectorised loop only when its
-# arrays lie far enough apart in memory, else the scalar one, which adds in another order; the result then
-# depended on where the allocator put the buffers (1 step in about 60 of the main job differed in its last
-# digits). The loops over N are elementwise (vectorised all the same) and the sums over N plain ordered ones.
-# No nnan/ninf either, so inf/nan still propagate.
+# No reassociation: with it LLVM runs a loop that sums over N as a vectorised or a scalar copy, chosen at run
+# time by the arrays' addresses, and the two add in different orders (docs/benchmarks.md, "Reproducible
+# sums"). The loops over N are elementwise (still vectorised), the sums over N ordered. No nnan/ninf either:
+# inf/nan propagate.
 _FASTMATH = {"contract", "nsz", "arcp"}
 
 

@@ -224,10 +224,9 @@ def test_numba_sums_do_not_depend_on_the_thread_count():
 
 @pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="needs numba")
 def test_numba_kernels_add_in_one_order_wherever_the_arrays_lie():
-    # With reassociation allowed, LLVM vectorises a loop that both writes arrays and sums over N, and runs
-    # the vectorised copy only when a run-time check finds its arrays far enough apart, else a scalar copy
-    # that adds in another order: two identical runs of the main job differed in 1 step of about 60.
-    # Without it, every sum over N is added in index order whichever copy runs.
+    # With reassociation, LLVM runs a loop that writes arrays and sums over N as a vectorised or a scalar copy,
+    # chosen at run time by the arrays' addresses, and the two add in different orders: the result depended
+    # on where the allocator put the buffers. Without it every sum over N is added in index order.
     inputs = make_inputs(batch=2, dim=8, nstate=16, length=70, dtype=torch.float32)
     ss.set_scan_backend("numba")
     try:

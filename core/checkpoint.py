@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError, first_line
 from core.fileio import atomic_path
 
 RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "scaler", "epoch", "iteration", "best_metric",
@@ -114,8 +114,7 @@ def load_checkpoint(path, map_location="cpu", required_keys=("state_dict",), mma
         with torch.serialization.safe_globals(_NUMPY_SCALARS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or truncated files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint: {first}") from err
+        raise CheckpointError(f"{path} is not a readable checkpoint: {first_line(err)}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         hint = ""
         if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

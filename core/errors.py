@@ -5,6 +5,12 @@ is a bug and keeps its traceback (as does every error with --debug).
 """
 
 
+def first_line(err):
+    """A short reason for a one-line error: the first line of `err`'s message, or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class UserError(Exception):
     """A mistake the user can fix (config, data, checkpoint, device, output folder), or a stop they asked for."""
 

@@ -24,7 +24,7 @@ from core.errors import DataConfigError
 from core.fileio import atomic_path
 
 from .datalist import load_json, parse_labels
-from .preflight import FileCache, read_verified
+from .preflight import FileCache, read_array
 from .provenance import file_identity, sha256_of
 from .transforms import above_minimum
 
@@ -105,16 +105,7 @@ def labelled_cases(folder, dataset_json):
 
 def _read_case(folder, image_rel, label_rel, sample_size):
     """measure_case of one case's files, read to their end (gzip CRC checked); faults name the file."""
-    arrays = []
-    for rel in (image_rel, label_rel):
-        path = folder / rel
-        try:
-            img = read_verified(path)
-            arrays.append((img, np.asanyarray(img.dataobj)))
-        except Exception as err:  # noqa: BLE001  (nibabel, gzip and zlib raise many kinds; all mean the same)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataConfigError(f"{path}: not a readable NIfTI file ({reason})") from None
-    (image, voxels), (_, label) = arrays
+    (image, voxels), (_, label) = (read_array(folder / rel) for rel in (image_rel, label_rel))
     if label.ndim == 4 and label.shape[3] == 1:
         label = label[..., 0]
     if voxels.ndim not in (3, 4) or label.shape != voxels.shape[:3]:

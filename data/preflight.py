@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from core.errors import DataConfigError, first_line
 from core.fileio import atomic_path
 
 from .datalist import collect_datalist, problem_report
@@ -41,11 +42,20 @@ def read_verified(path):
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile (CRC, length) is an OSError
-        raise ValueError(f"compressed data corrupt or truncated ({_first_line(err)})") from None
+        raise ValueError(f"compressed data corrupt or truncated ({first_line(err)})") from None
     try:
         return nib.Nifti1Image.from_bytes(raw)
     except Exception:  # noqa: BLE001  (not NIfTI-1: try NIfTI-2, whose errors are reported)
         return nib.Nifti2Image.from_bytes(raw)
+
+
+def read_array(path):
+    """(image, voxel array) of a NIfTI file read to its end, or a DataConfigError naming it."""
+    try:
+        img = read_verified(path)
+        return img, np.asanyarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001  (nibabel, gzip and zlib raise many kinds; all mean the same here)
+        raise DataConfigError(f"{path}: not a readable NIfTI file ({first_line(err)})") from None
 
 
 def _voxel_facts(path, kind):
@@ -110,13 +120,8 @@ def _header(path):
     try:
         img = nib.load(path)
     except Exception as err:  # nibabel raises several types for truncated or foreign files
-        raise ValueError(f"not a readable NIfTI file ({_first_line(err)})") from None
+        raise ValueError(f"not a readable NIfTI file ({first_line(err)})") from None
     return tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _facts(cache, path, kind):
@@ -124,7 +129,7 @@ def _facts(cache, path, kind):
     try:
         return cache.facts(path, kind), None
     except Exception as err:  # noqa: BLE001  (zlib, gzip and nibabel raise many kinds; all mean the same here)
-        return None, f"{kind} {path}: voxel data unreadable: {_first_line(err)}"
+        return None, f"{kind} {path}: voxel data unreadable: {first_line(err)}"
 
 
 def _image_problems(image, in_channels, check_intensities, cache):

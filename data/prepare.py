@@ -32,7 +32,7 @@ from core.errors import DataConfigError
 from . import fingerprint as fingerprints
 from . import plan as plans
 from .datalist import hold_out_validation, parse_labels
-from .preflight import read_verified
+from .preflight import read_array
 
 # The 13 organs of the BTCV abdomen challenge, by label value in its label files.
 BTCV_ORGANS = {
@@ -200,12 +200,7 @@ def msd_preparation(raw, val_fraction=DEFAULT_VAL_FRACTION):
 
 def _read(path):
     """(image, 3D array) of a NIfTI file read to its end (gzip CRC checked), or a one-line error naming it."""
-    try:
-        img = read_verified(path)
-        array = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel, gzip and zlib raise many kinds for a damaged file; all mean the same here
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataConfigError(f"{path}: not a readable NIfTI file ({reason})") from None
+    img, array = read_array(path)
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.errors import ConfigError, TrainingInterrupted
+from core.errors import ConfigError, TrainingInterrupted, first_line
 
 from . import job
 
@@ -214,5 +214,5 @@ def _why(submitted):
     try:
         submitted.result()
     except Exception as err:  # noqa: BLE001  (submitit's own error of a job that left no result)
-        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return first_line(err)
     return "ended without a record"

@@ -225,8 +225,8 @@ def test_sample_is_bounded_seeded_and_read_once(tmp_path, monkeypatch):
     folder = tmp_path / "ct"
     truth = make_ct_set(folder)
     reads = []
-    real_read = fingerprints.read_verified
-    monkeypatch.setattr(fingerprints, "read_verified", lambda path: reads.append(Path(path).name) or real_read(path))
+    real_read = fingerprints.read_array
+    monkeypatch.setattr(fingerprints, "read_array", lambda path: reads.append(Path(path).name) or real_read(path))
     fp = fingerprints.fingerprint_folder(folder, sample_size=200)[0]
     foreground = [image[label > 0].astype(np.float64) for image, label, _ in truth.values()]
     stats = fp["intensity"][0]

@@ -122,6 +122,23 @@ if _numba is not None:
                     y *= z[b, d, t] / (1 + math.exp(-z[b, d, t]))
                 out[b, d, t] = y
 
+    @_numba.njit(inline="always", fastmath=_FASTMATH)
+    def _recompute_chunk(u, delta, A, Bt, Ct, Dv, bias, softplus, b, d, t0, steps, hbuf, abuf, ybuf):
+        """The forward over one chunk of row (b, d) again, from its start state in hbuf[0]: the states, decays
+        and outputs before the z gate that the backward walks in reverse."""
+        for i in range(steps):
+            t = t0 + i
+            dt = _step_size(delta[b, d, t] + bias[d], softplus)
+            x = dt * u[b, d, t]
+            for n in range(A.shape[1]):
+                a = _exp(dt * A[d, n])
+                abuf[i, n] = a
+                hbuf[i + 1, n] = a * hbuf[i, n] + x * Bt[b, t, n]
+            y = Dv[d] * u[b, d, t]
+            for n in range(A.shape[1]):
+                y += Ct[b, t, n] * hbuf[i + 1, n]
+            ybuf[i] = y
+
     @_numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
     def _numba_backward(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, chunk, states, dout,
                         du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part):
@@ -146,18 +163,7 @@ if _numba is not None:
                     t0 = c * chunk
                     steps = min(length, t0 + chunk) - t0
                     hbuf[0, :] = states[b, d, c, :]
-                    for i in range(steps):
-                        t = t0 + i
-                        dt = _step_size(delta[b, d, t] + bias[d], softplus)
-                        x = dt * u[b, d, t]
-                        for n in range(nstate):
-                            a = _exp(dt * A[d, n])
-                            abuf[i, n] = a
-                            hbuf[i + 1, n] = a * hbuf[i, n] + x * Bt[b, t, n]
-                        y = Dv[d] * u[b, d, t]
-                        for n in range(nstate):
-                            y += Ct[b, t, n] * hbuf[i + 1, n]
-                        ybuf[i] = y
+                    _recompute_chunk(u, delta, A, Bt, Ct, Dv, bias, softplus, b, d, t0, steps, hbuf, abuf, ybuf)
                     for i in range(steps - 1, -1, -1):
                         t = t0 + i
                         raw = delta[b, d, t] + bias[d]
